@@ -1,0 +1,39 @@
+"""`Annotated` dependency aliases: routes get the shared clients through these."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotmeter.config import Settings
+from iotmeter.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.state.iotmeter
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    """One transaction per request: committed on success, rolled back on error."""
+    async with state.database.sessionmaker() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]

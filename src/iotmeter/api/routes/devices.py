@@ -1,0 +1,142 @@
+"""Device registry and per-device configuration."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query, Response, status
+
+from iotmeter.api.deps import SessionDep
+from iotmeter.api.schemas import (
+    ConfigKey,
+    ConfigRead,
+    ConfigValue,
+    DeviceCreate,
+    DeviceRead,
+    DeviceStatus,
+    DeviceType,
+    DeviceUpdate,
+    ErrorResponse,
+    Page,
+)
+from iotmeter.repositories.devices import DeviceRepository
+from iotmeter.services import devices as service
+
+MAX_PAGE = 500
+
+router = APIRouter(prefix="/devices", tags=["devices"])
+DeviceIdPath = Annotated[str, Path(description="The device id.", max_length=64)]
+KeyPath = Annotated[ConfigKey, Path(description="The configuration key.")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size (at most {MAX_PAGE}).")]
+Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={409: {"model": ErrorResponse}},
+    summary="Register a device",
+)
+async def create_device(body: DeviceCreate, session: SessionDep, response: Response) -> DeviceRead:
+    """Register a device; 409 if the id is taken."""
+    device = await service.create_device(session, body.model_dump())
+    response.headers["Location"] = f"/api/v1/devices/{device.id}"
+    return DeviceRead.model_validate(device)
+
+
+@router.get("", summary="List devices")
+async def list_devices(
+    session: SessionDep,
+    type: Annotated[DeviceType | None, Query(description="Only this type.")] = None,
+    status: Annotated[DeviceStatus | None, Query(description="Only this status.")] = None,
+    location: Annotated[str | None, Query(description="Only this exact location.")] = None,
+    q: Annotated[
+        str | None, Query(max_length=64, description="Case-insensitive text in id or name.")
+    ] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page[DeviceRead]:
+    """Devices ordered by id, filtered and paginated; `total` counts every match."""
+    rows, total = await DeviceRepository(session).list(
+        type=type, status=status, location=location, search=q, limit=limit, offset=offset
+    )
+    return Page[DeviceRead](
+        items=[DeviceRead.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{device_id}", responses=NOT_FOUND, summary="Get a device")
+async def get_device(device_id: DeviceIdPath, session: SessionDep) -> DeviceRead:
+    return DeviceRead.model_validate(await service.get_device(session, device_id))
+
+
+@router.patch("/{device_id}", responses=NOT_FOUND, summary="Update a device")
+async def update_device(
+    device_id: DeviceIdPath, body: DeviceUpdate, session: SessionDep
+) -> DeviceRead:
+    """Change only the fields given in the body."""
+    device = await service.update_device(session, device_id, body.model_dump(exclude_unset=True))
+    return DeviceRead.model_validate(device)
+
+
+@router.delete(
+    "/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=NOT_FOUND,
+    summary="Delete a device with its configs and alerts",
+)
+async def delete_device(device_id: DeviceIdPath, session: SessionDep) -> None:
+    """Deletes the device, its configuration keys and its alerts; telemetry and the raw
+    archive are kept (they are history, and a device that publishes again re-registers)."""
+    await service.delete_device(session, device_id)
+
+
+@router.get("/{device_id}/configs", responses=NOT_FOUND, summary="List a device's configs")
+async def list_configs(device_id: DeviceIdPath, session: SessionDep) -> list[ConfigRead]:
+    return [
+        ConfigRead.model_validate(row) for row in await service.list_configs(session, device_id)
+    ]
+
+
+@router.put(
+    "/{device_id}/configs",
+    responses=NOT_FOUND,
+    summary="Replace all of a device's configs",
+)
+async def replace_configs(
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    values: Annotated[
+        dict[ConfigKey, Any],
+        Body(description="The complete configuration: key -> any JSON value."),
+    ],
+) -> list[ConfigRead]:
+    """Keys not in the body are deleted."""
+    rows = await service.replace_configs(session, device_id, values)
+    return [ConfigRead.model_validate(row) for row in rows]
+
+
+@router.get("/{device_id}/configs/{key}", responses=NOT_FOUND, summary="Get one config key")
+async def get_config(device_id: DeviceIdPath, key: KeyPath, session: SessionDep) -> ConfigRead:
+    return ConfigRead.model_validate(await service.get_config(session, device_id, key))
+
+
+@router.put("/{device_id}/configs/{key}", responses=NOT_FOUND, summary="Set one config key")
+async def put_config(
+    device_id: DeviceIdPath, key: KeyPath, body: ConfigValue, session: SessionDep
+) -> ConfigRead:
+    return ConfigRead.model_validate(await service.put_config(session, device_id, key, body.value))
+
+
+@router.delete(
+    "/{device_id}/configs/{key}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=NOT_FOUND,
+    summary="Delete one config key",
+)
+async def delete_config(device_id: DeviceIdPath, key: KeyPath, session: SessionDep) -> None:
+    await service.delete_config(session, device_id, key)

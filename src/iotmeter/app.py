@@ -1,0 +1,97 @@
+"""The FastAPI application: `create_app(settings)` and the module-level `app` for uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from iotmeter import __version__
+from iotmeter.api.errors import install_error_handlers
+from iotmeter.api.routes import alerts, devices, health
+from iotmeter.config import Settings, load_settings
+from iotmeter.db.engine import Database, build_engine
+from iotmeter.db.migrate import upgrade_async
+from iotmeter.logging import configure_logging
+from iotmeter.runtime import TaskSupervisor
+from iotmeter.state import AppState
+
+logger = logging.getLogger(__name__)
+
+BackgroundTask = Callable[[AppState], Coroutine[Any, Any, None]]
+"""A long-running part of the app: gets the shared state, loops until cancelled."""
+
+
+async def _database_health(database: Database) -> str:
+    await database.ping()
+    return database.dialect
+
+
+@asynccontextmanager
+async def open_state(
+    settings: Settings, extra_tasks: Mapping[str, BackgroundTask] | None = None
+) -> AsyncIterator[AppState]:
+    """Open every shared client on one exit stack, start the tasks; undo it all in reverse."""
+    async with AsyncExitStack() as stack:
+        if settings.auto_migrate:
+            logger.info("upgrading the database schema")
+            await upgrade_async(settings.database_url)
+        database = Database(
+            build_engine(settings.database_url, pool_size=settings.database_pool_size)
+        )
+        stack.push_async_callback(database.close)
+
+        supervisor = TaskSupervisor()
+        state = AppState(settings=settings, database=database, supervisor=supervisor)
+        state.health_checks["database"] = partial(_database_health, database)
+        # Registered last, so it runs first on the way out: tasks stop before their clients.
+        stack.push_async_callback(supervisor.stop)
+        for name, task in (extra_tasks or {}).items():
+            supervisor.start(name, partial(task, state))
+        logger.info("iotmeter %s started (database: %s)", __version__, database.dialect)
+        yield state
+        logger.info("iotmeter stopping")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    extra_tasks: Mapping[str, BackgroundTask] | None = None,
+) -> FastAPI:
+    """Build the app; settings default to the environment (`IOTMETER_*`)."""
+    settings = settings if settings is not None else load_settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with open_state(settings, extra_tasks) as state:
+            yield {"iotmeter": state}
+
+    app = FastAPI(
+        title="iotmeter",
+        version=__version__,
+        description="IoT telemetry backend: device registry, telemetry, raw archive, alerts.",
+        lifespan=lifespan,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    install_error_handlers(app)
+    api = APIRouter(prefix="/api/v1")
+    api.include_router(devices.router)
+    api.include_router(alerts.router)
+    app.include_router(api)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,213 @@
+"""Settings, read from `IOTMETER_*` environment variables.
+
+Every field's description feeds the README's configuration table (`iotmeter settings --markdown`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from iotmeter.errors import SettingsInvalid
+
+ENV_PREFIX = "IOTMETER_"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+ArchiveLayout = Literal["per-message", "segment"]
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a settings field."""
+    return ENV_PREFIX + field.upper()
+
+
+class Settings(BaseSettings):
+    """All of iotmeter's configuration; defaults give the zero-config embedded setup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, frozen=True
+    )
+
+    # Database (device registry; also the time-series store when no InfluxDB is configured).
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./data/iotmeter.db",
+        description="SQLAlchemy URL of the registry database: `postgresql://user:pass@host/db` "
+        "or `sqlite+aiosqlite:///path`.",
+    )
+    database_auto_migrate: bool | None = Field(
+        None,
+        description="Upgrade the schema at start-up. Default: on for SQLite, off otherwise "
+        "(run `iotmeter migrate`).",
+    )
+    database_pool_size: int = Field(10, ge=1, le=200, description="Connection pool size.")
+
+    # MQTT.
+    mqtt_url: str = Field(
+        "auto",
+        description="`auto`: use the broker on 127.0.0.1:1883, or start the embedded one there; "
+        "`embedded`: always run the in-process broker; or `mqtt://user:pass@host:port`.",
+    )
+    mqtt_embedded_host: str = Field(
+        "127.0.0.1", description="Address the embedded broker listens on."
+    )
+    mqtt_embedded_port: int = Field(
+        1883, ge=1, le=65535, description="Port the embedded broker listens on."
+    )
+    mqtt_client_id: str = Field(
+        "iotmeter-collector",
+        min_length=1,
+        max_length=64,
+        description="Client id of the collector's persistent MQTT session.",
+    )
+
+    # InfluxDB 2.x (optional; without it the SQL time-series store is used).
+    influx_url: str | None = Field(
+        None, description="InfluxDB 2.x URL, e.g. `http://localhost:8086`. Unset: SQL store."
+    )
+    influx_token: SecretStr | None = Field(None, description="InfluxDB API token.")
+    influx_org: str = Field("iot-org", min_length=1, description="InfluxDB organisation.")
+    influx_bucket: str = Field("iot-metrics", min_length=1, description="InfluxDB bucket.")
+
+    # S3-compatible archive (optional; without it the local folder archive is used).
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint, e.g. `http://localhost:9000`. Unset: local archive."
+    )
+    s3_access_key: SecretStr | None = Field(None, description="S3 access key id.")
+    s3_secret_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    s3_region: str = Field("us-east-1", min_length=1, description="S3 region.")
+    s3_bucket: str = Field("iot-data", description="S3 bucket of the raw archive.")
+    archive_dir: Path = Field(
+        Path("./data/archive"), description="Folder of the local archive (embedded default)."
+    )
+
+    # Background tasks.
+    collector_enabled: bool = Field(True, description="Run the MQTT collector.")
+    simulator_enabled: bool = Field(False, description="Run the device simulator in-process.")
+
+    # HTTP.
+    http_host: str = Field("127.0.0.1", description="Address `iotmeter serve` binds.")
+    http_port: int = Field(8080, ge=1, le=65535, description="Port `iotmeter serve` binds.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins allowed by CORS (`*` for any). Empty: CORS off.",
+    )
+    log_level: LogLevel = Field("INFO", description="Log level.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+            return "postgresql+asyncpg" + value[len(scheme) :]
+        if scheme in ("sqlite", "sqlite+aiosqlite"):
+            return "sqlite+aiosqlite" + value[len(scheme) :]
+        raise ValueError(
+            "must start with postgresql:// or sqlite+aiosqlite:/// (got scheme "
+            f"{scheme or 'none'!r})"
+        )
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        if value in ("auto", "embedded"):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.hostname:
+            raise ValueError(
+                "must be 'auto', 'embedded' or a URL like mqtt://user:password@host:1883"
+            )
+        return value
+
+    @field_validator("influx_url", "s3_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        problems: list[str] = []
+        if self.influx_url and not self.influx_token:
+            problems.append(
+                f"{env_name('influx_token')} is required when {env_name('influx_url')} is set"
+            )
+        if self.influx_token and not self.influx_url:
+            problems.append(
+                f"{env_name('influx_url')} is required when {env_name('influx_token')} is set"
+            )
+        s3_keys = {"s3_access_key": self.s3_access_key, "s3_secret_key": self.s3_secret_key}
+        if self.s3_endpoint_url:
+            problems.extend(
+                f"{env_name(name)} is required when {env_name('s3_endpoint_url')} is set"
+                for name, value in s3_keys.items()
+                if not value
+            )
+            if not self.s3_bucket:
+                problems.append(
+                    f"{env_name('s3_bucket')} must not be empty when "
+                    f"{env_name('s3_endpoint_url')} is set"
+                )
+        else:
+            problems.extend(
+                f"{env_name('s3_endpoint_url')} is required when {env_name(name)} is set"
+                for name, value in s3_keys.items()
+                if value
+            )
+        if (
+            self.mqtt_url == "embedded"
+            and not self.collector_enabled
+            and not self.simulator_enabled
+        ):
+            problems.append(
+                f"{env_name('mqtt_url')}=embedded needs {env_name('collector_enabled')} or "
+                f"{env_name('simulator_enabled')}: nothing would use the embedded broker"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def auto_migrate(self) -> bool:
+        if self.database_auto_migrate is None:
+            return self.is_sqlite
+        return self.database_auto_migrate
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (plus overrides); raise `SettingsInvalid` naming each variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            location = [str(part) for part in error["loc"]]
+            message = error["msg"].removeprefix("Value error, ")
+            if location:
+                lines.append(f"{env_name(location[0])}: {message}")
+            else:
+                lines.append(message)
+        raise SettingsInvalid("invalid settings: " + "; ".join(lines)) from None

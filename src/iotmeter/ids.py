@@ -1,0 +1,13 @@
+"""Identifier rules shared by the API, the decoder and the stores."""
+
+from __future__ import annotations
+
+import re
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+DEVICE_TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+FIELD_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+DEVICE_TYPE_RE = re.compile(DEVICE_TYPE_PATTERN)
+FIELD_NAME_RE = re.compile(FIELD_NAME_PATTERN)

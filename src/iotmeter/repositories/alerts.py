@@ -1,0 +1,66 @@
+"""SQL for device alerts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotmeter.db.models import DeviceAlert
+
+
+class AlertRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, alert_id: int) -> DeviceAlert | None:
+        return await self.session.get(DeviceAlert, alert_id)
+
+    async def add(self, alert: DeviceAlert) -> DeviceAlert:
+        self.session.add(alert)
+        await self.session.flush()
+        return alert
+
+    async def list(
+        self,
+        *,
+        device_id: str | None = None,
+        status: str | None = None,
+        severity: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int,
+        offset: int,
+    ) -> tuple[Sequence[DeviceAlert], int]:
+        conditions = []
+        if device_id is not None:
+            conditions.append(DeviceAlert.device_id == device_id)
+        if status is not None:
+            conditions.append(DeviceAlert.status == status)
+        if severity is not None:
+            conditions.append(DeviceAlert.severity == severity)
+        if since is not None:
+            conditions.append(DeviceAlert.created_at >= since)
+        if until is not None:
+            conditions.append(DeviceAlert.created_at < until)
+        total = await self.session.scalar(
+            select(func.count()).select_from(DeviceAlert).where(*conditions)
+        )
+        rows = await self.session.scalars(
+            select(DeviceAlert)
+            .where(*conditions)
+            .order_by(DeviceAlert.created_at.desc(), DeviceAlert.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        return rows.all(), total or 0
+
+    async def count_active_by_severity(self) -> dict[str, int]:
+        rows = await self.session.execute(
+            select(DeviceAlert.severity, func.count())
+            .where(DeviceAlert.status != "resolved")
+            .group_by(DeviceAlert.severity)
+        )
+        return dict(rows.tuples())

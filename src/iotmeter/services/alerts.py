@@ -1,0 +1,51 @@
+"""Alert life cycle: active -> acknowledged -> resolved (or active -> resolved)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotmeter.db.base import utcnow
+from iotmeter.db.models import DeviceAlert
+from iotmeter.errors import Conflict, NotFound
+from iotmeter.repositories.alerts import AlertRepository
+from iotmeter.services.devices import get_device
+
+
+async def get_alert(session: AsyncSession, alert_id: int) -> DeviceAlert:
+    alert = await AlertRepository(session).get(alert_id)
+    if alert is None:
+        raise NotFound(f"alert {alert_id} not found")
+    return alert
+
+
+async def create_alert(session: AsyncSession, fields: dict[str, Any]) -> DeviceAlert:
+    """Raise an alert on an existing device."""
+    await get_device(session, fields["device_id"])
+    alert = DeviceAlert(**fields, status="active", created_at=utcnow())
+    return await AlertRepository(session).add(alert)
+
+
+async def acknowledge_alert(session: AsyncSession, alert_id: int) -> DeviceAlert:
+    """Only an active alert can be acknowledged."""
+    alert = await get_alert(session, alert_id)
+    if alert.status != "active":
+        raise Conflict(
+            f"alert {alert_id} is {alert.status}; only an active alert can be acknowledged"
+        )
+    alert.status = "acknowledged"
+    alert.acknowledged_at = utcnow()
+    await session.flush()
+    return alert
+
+
+async def resolve_alert(session: AsyncSession, alert_id: int) -> DeviceAlert:
+    """An active or acknowledged alert can be resolved, once."""
+    alert = await get_alert(session, alert_id)
+    if alert.status == "resolved":
+        raise Conflict(f"alert {alert_id} is already resolved (at {alert.resolved_at})")
+    alert.status = "resolved"
+    alert.resolved_at = utcnow()
+    await session.flush()
+    return alert

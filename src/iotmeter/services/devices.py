@@ -1,0 +1,102 @@
+"""Device registry rules: one id per device, configs and alerts go with it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotmeter.db.base import utcnow
+from iotmeter.db.models import Device, DeviceConfig
+from iotmeter.errors import Conflict, NotFound
+from iotmeter.repositories.configs import ConfigRepository
+from iotmeter.repositories.devices import DeviceRepository
+
+
+async def get_device(session: AsyncSession, device_id: str) -> Device:
+    """The device, or `NotFound` naming the id."""
+    device = await DeviceRepository(session).get(device_id)
+    if device is None:
+        raise NotFound(
+            f"device {device_id!r} not found; create it with POST /api/v1/devices or check the id"
+        )
+    return device
+
+
+async def create_device(session: AsyncSession, fields: dict[str, Any]) -> Device:
+    """Register a device; a taken id is a `Conflict`."""
+    repository = DeviceRepository(session)
+    if await repository.get(fields["id"]) is not None:
+        raise Conflict(f"device {fields['id']!r} already exists; choose another id or PATCH it")
+    now = utcnow()
+    device = Device(
+        id=fields["id"],
+        name=fields["name"],
+        type=fields["type"],
+        location=fields.get("location"),
+        attributes=fields.get("metadata") or {},
+        status=fields.get("status", "active"),
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        async with session.begin_nested():
+            await repository.add(device)
+    except IntegrityError:
+        raise Conflict(
+            f"device {fields['id']!r} already exists; choose another id or PATCH it"
+        ) from None
+    return device
+
+
+async def update_device(session: AsyncSession, device_id: str, changes: dict[str, Any]) -> Device:
+    """Apply the given fields only."""
+    device = await get_device(session, device_id)
+    for name, value in changes.items():
+        setattr(device, "attributes" if name == "metadata" else name, value)
+    device.updated_at = utcnow()
+    await session.flush()
+    return device
+
+
+async def delete_device(session: AsyncSession, device_id: str) -> None:
+    """Delete a device with its configs and alerts (its telemetry and archive stay)."""
+    device = await get_device(session, device_id)
+    await DeviceRepository(session).delete(device)
+
+
+async def list_configs(session: AsyncSession, device_id: str) -> Sequence[DeviceConfig]:
+    await get_device(session, device_id)
+    return await ConfigRepository(session).list(device_id)
+
+
+async def get_config(session: AsyncSession, device_id: str, key: str) -> DeviceConfig:
+    await get_device(session, device_id)
+    config = await ConfigRepository(session).get(device_id, key)
+    if config is None:
+        raise NotFound(f"device {device_id!r} has no config key {key!r}")
+    return config
+
+
+async def put_config(session: AsyncSession, device_id: str, key: str, value: Any) -> DeviceConfig:
+    await get_device(session, device_id)
+    return await ConfigRepository(session).put(device_id, key, value)
+
+
+async def delete_config(session: AsyncSession, device_id: str, key: str) -> None:
+    config = await get_config(session, device_id, key)
+    await ConfigRepository(session).delete(config)
+
+
+async def replace_configs(
+    session: AsyncSession, device_id: str, values: dict[str, Any]
+) -> Sequence[DeviceConfig]:
+    """Make the device's configuration exactly `values`."""
+    await get_device(session, device_id)
+    repository = ConfigRepository(session)
+    await repository.delete_all(device_id)
+    for key, value in values.items():
+        await repository.put(device_id, key, value)
+    return await repository.list(device_id)
