@@ -14,10 +14,24 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from iotmeter.errors import SettingsInvalid
 
+
+def normalize_database_url(url: str) -> str:
+    """Pick the async driver for a PostgreSQL or SQLite URL; ValueError for anything else."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        return "postgresql+asyncpg" + url[len(scheme) :]
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return "sqlite+aiosqlite" + url[len(scheme) :]
+    raise ValueError(
+        f"must start with postgresql:// or sqlite+aiosqlite:/// (got scheme {scheme or 'none'!r})"
+    )
+
+
 ENV_PREFIX = "IOTMETER_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-ArchiveLayout = Literal["per-message", "segment"]
+SimulatorKind = Literal["temperature", "humidity", "power_meter"]
+SIMULATOR_KINDS: tuple[SimulatorKind, ...] = ("temperature", "humidity", "power_meter")
 
 
 def env_name(field: str) -> str:
@@ -88,6 +102,66 @@ class Settings(BaseSettings):
     collector_enabled: bool = Field(True, description="Run the MQTT collector.")
     simulator_enabled: bool = Field(False, description="Run the device simulator in-process.")
 
+    # Ingestion.
+    auto_register: bool = Field(
+        True, description="Register unknown devices on their first message (else reject them)."
+    )
+    max_payload_bytes: int = Field(
+        256 * 1024, ge=64, description="Largest accepted MQTT payload, in bytes."
+    )
+    max_json_depth: int = Field(8, ge=2, le=64, description="Deepest accepted JSON nesting.")
+    max_future_skew_s: float = Field(
+        300.0, ge=0, description="How far in the future a reading's timestamp may be, in seconds."
+    )
+    batch_max_messages: int = Field(
+        1000, ge=1, description="Collector flushes to the stores after this many reading sets..."
+    )
+    batch_max_delay_s: float = Field(
+        0.2, gt=0, le=60, description="...or this many seconds after the first one, if sooner."
+    )
+    online_window_s: float = Field(
+        300.0, gt=0, description="A device seen within this many seconds counts as online."
+    )
+
+    # Telemetry queries.
+    query_max_range_s: float = Field(
+        31 * 86400.0, gt=0, description="Longest time range one telemetry query may span."
+    )
+    query_max_points: int = Field(
+        100_000, ge=10, description="Most points one telemetry query may return."
+    )
+
+    # Simulator.
+    simulator_devices: int = Field(
+        3, ge=0, le=100_000, description="Simulated devices in total, spread over the kinds."
+    )
+    simulator_kinds: Annotated[list[SimulatorKind], NoDecode] = Field(
+        default_factory=lambda: list(SIMULATOR_KINDS),
+        description="Comma-separated kinds to simulate: temperature, humidity, power_meter.",
+    )
+    simulator_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between two messages of one simulated device."
+    )
+    simulator_jitter: float = Field(
+        0.1, ge=0, le=1, description="Random spread of the interval, as a fraction of it."
+    )
+    simulator_qos: Literal[0, 1] = Field(1, description="MQTT QoS of simulated messages.")
+    simulator_id_prefix: str = Field(
+        "sim", pattern=r"^[A-Za-z0-9_.\-]{1,32}$", description="Prefix of simulated device ids."
+    )
+    simulator_mqtt_url: str | None = Field(
+        None, description="Broker of the simulator; unset: the broker the collector uses."
+    )
+    simulator_devices_per_connection: int = Field(
+        500, ge=1, description="Simulated devices that share one MQTT connection."
+    )
+    simulator_spike_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of messages with an injected spike (for alerting)."
+    )
+    simulator_dropout_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of messages a simulated device skips (dropouts)."
+    )
+
     # HTTP.
     http_host: str = Field("127.0.0.1", description="Address `iotmeter serve` binds.")
     http_port: int = Field(8080, ge=1, le=65535, description="Port `iotmeter serve` binds.")
@@ -97,7 +171,7 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = Field("INFO", description="Log level.")
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "simulator_kinds", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -112,20 +186,12 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_scheme(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
-            return "postgresql+asyncpg" + value[len(scheme) :]
-        if scheme in ("sqlite", "sqlite+aiosqlite"):
-            return "sqlite+aiosqlite" + value[len(scheme) :]
-        raise ValueError(
-            "must start with postgresql:// or sqlite+aiosqlite:/// (got scheme "
-            f"{scheme or 'none'!r})"
-        )
+        return normalize_database_url(value)
 
-    @field_validator("mqtt_url")
+    @field_validator("mqtt_url", "simulator_mqtt_url")
     @classmethod
-    def _mqtt_url(cls, value: str) -> str:
-        if value in ("auto", "embedded"):
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value is None or value in ("auto", "embedded"):
             return value
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.hostname:

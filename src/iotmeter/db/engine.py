@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from iotmeter.config import normalize_database_url
 from iotmeter.errors import BackendUnavailable
 
 
@@ -31,6 +32,7 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
 
 def build_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     """Create the engine; for SQLite, also create the file's folder."""
+    url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

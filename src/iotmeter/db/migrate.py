@@ -9,6 +9,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from iotmeter.config import normalize_database_url
+
 
 def migrations_dir() -> Path:
     """The Alembic script folder: packaged in the wheel, or the checkout's `migrations/`."""
@@ -24,7 +26,8 @@ def migrations_dir() -> Path:
 def alembic_config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    url = normalize_database_url(database_url)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
