@@ -69,7 +69,7 @@ class ReadingSet:
     @property
     def tie_breaker(self) -> str:
         """What tells apart two reading sets of a device in the same millisecond."""
-        if self.msg_id is not None and _SAFE_KEY_PART.match(self.msg_id):
+        if self.msg_id is not None and _SAFE_KEY_PART.fullmatch(self.msg_id):
             return f"m-{self.msg_id}"
         if self.msg_id is not None:
             return "m-" + hashlib.sha256(self.msg_id.encode()).hexdigest()[:24]
