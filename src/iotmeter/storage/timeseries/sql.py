@@ -1,0 +1,180 @@
+"""The SQL time-series store: the embedded default (SQLite) and PostgreSQL without InfluxDB.
+
+Writes are one statement per table per batch: on PostgreSQL `INSERT ... SELECT FROM unnest(...)`
+with arrays (the driver's bulk path, no per-row round trips), on SQLite an executemany; both
+upsert on the primary key, so replaying a batch changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from iotmeter.db.engine import Database
+from iotmeter.errors import BackendUnavailable
+from iotmeter.ingest.models import ReadingSet
+from iotmeter.storage.timeseries.base import SeriesPoint, SeriesQuery
+
+_PG_WRITE = """
+INSERT INTO telemetry (device_id, field, epoch_us, value)
+SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::float8[])
+ON CONFLICT (device_id, field, epoch_us) DO UPDATE SET value = EXCLUDED.value
+"""
+_PG_LATEST = """
+INSERT INTO telemetry_latest AS latest (device_id, field, epoch_us, value)
+SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::float8[])
+ON CONFLICT (device_id, field) DO UPDATE SET epoch_us = EXCLUDED.epoch_us, value = EXCLUDED.value
+WHERE EXCLUDED.epoch_us >= latest.epoch_us
+"""
+_SQLITE_WRITE = """
+INSERT INTO telemetry (device_id, field, epoch_us, value) VALUES (?, ?, ?, ?)
+ON CONFLICT (device_id, field, epoch_us) DO UPDATE SET value = excluded.value
+"""
+_SQLITE_LATEST = """
+INSERT INTO telemetry_latest (device_id, field, epoch_us, value) VALUES (?, ?, ?, ?)
+ON CONFLICT (device_id, field) DO UPDATE SET epoch_us = excluded.epoch_us, value = excluded.value
+WHERE excluded.epoch_us >= telemetry_latest.epoch_us
+"""
+
+_AGGREGATE_SQL = {"mean": "AVG", "min": "MIN", "max": "MAX", "sum": "SUM", "count": "COUNT"}
+
+Row = tuple[str, str, int, float]
+
+
+def _rows(readings: Sequence[ReadingSet]) -> tuple[list[Row], list[Row]]:
+    """Deduplicated rows for `telemetry` (last write wins) and the newest per device/field."""
+    points: dict[tuple[str, str, int], float] = {}
+    newest: dict[tuple[str, str], tuple[int, float]] = {}
+    for reading in readings:
+        device_id, epoch_us = reading.device_id, reading.epoch_us
+        for field, raw_value in reading.values.items():
+            value = float(raw_value)
+            points[(device_id, field, epoch_us)] = value
+            known = newest.get((device_id, field))
+            if known is None or known[0] <= epoch_us:
+                newest[(device_id, field)] = (epoch_us, value)
+    return (
+        [(d, f, t, v) for (d, f, t), v in points.items()],
+        [(d, f, t, v) for (d, f), (t, v) in newest.items()],
+    )
+
+
+def _columns(rows: list[Row]) -> tuple[list[str], list[str], list[int], list[float]]:
+    return (
+        [row[0] for row in rows],
+        [row[1] for row in rows],
+        [row[2] for row in rows],
+        [row[3] for row in rows],
+    )
+
+
+class SqlTimeSeriesStore:
+    """Readings in the `telemetry` table of the registry database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.backend = f"sql ({database.dialect})"
+
+    async def write(self, readings: Sequence[ReadingSet]) -> None:
+        """Upsert every value of every reading set in one transaction."""
+        points, newest = _rows(readings)
+        if not points:
+            return
+        try:
+            async with self.database.engine.begin() as connection:
+                if self.database.dialect == "postgresql":
+                    await self._write_postgresql(connection, points, newest)
+                else:
+                    await self._write_sqlite(connection, points, newest)
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise BackendUnavailable(f"time-series write failed: {exc}") from exc
+
+    @staticmethod
+    async def _write_postgresql(
+        connection: AsyncConnection, points: list[Row], newest: list[Row]
+    ) -> None:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await driver.execute(_PG_WRITE, *_columns(points))
+        await driver.execute(_PG_LATEST, *_columns(newest))
+
+    @staticmethod
+    async def _write_sqlite(
+        connection: AsyncConnection, points: list[Row], newest: list[Row]
+    ) -> None:
+        await connection.exec_driver_sql(_SQLITE_WRITE, points)
+        await connection.exec_driver_sql(_SQLITE_LATEST, newest)
+
+    async def query(self, query: SeriesQuery) -> list[SeriesPoint]:
+        """Raw points, or one point per field and window (aligned to the epoch)."""
+        params: dict[str, Any] = {
+            "device_id": query.device_id,
+            "start": query.start_us,
+            "stop": query.stop_us,
+            "limit": query.limit,
+        }
+        where = "device_id = :device_id AND epoch_us >= :start AND epoch_us < :stop"
+        if query.fields:
+            names = [f"f{index}" for index in range(len(query.fields))]
+            where += f" AND field IN ({', '.join(':' + name for name in names)})"
+            params.update(zip(names, query.fields, strict=True))
+        if query.every_us is None:
+            sql = (
+                f"SELECT field, epoch_us, value FROM telemetry WHERE {where} "
+                "ORDER BY field, epoch_us LIMIT :limit"
+            )
+        else:
+            params["every"] = query.every_us
+            bucket = "(epoch_us / :every) * :every"
+            if query.aggregate in ("first", "last"):
+                order = "epoch_us" if query.aggregate == "first" else "epoch_us DESC"
+                sql = (
+                    "SELECT field, bucket, value FROM ("
+                    f"SELECT field, {bucket} AS bucket, value, ROW_NUMBER() OVER ("
+                    f"PARTITION BY field, {bucket} ORDER BY {order}) AS position "
+                    f"FROM telemetry WHERE {where}) AS ranked "
+                    "WHERE position = 1 ORDER BY field, bucket LIMIT :limit"
+                )
+            else:
+                function = _AGGREGATE_SQL[query.aggregate]
+                sql = (
+                    f"SELECT field, {bucket} AS bucket, {function}(value) FROM telemetry "
+                    f"WHERE {where} GROUP BY field, bucket ORDER BY field, bucket LIMIT :limit"
+                )
+        try:
+            async with self.database.engine.connect() as connection:
+                result = await connection.execute(text(sql), params)
+                rows = result.all()
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise BackendUnavailable(f"time-series query failed: {exc}") from exc
+        return [SeriesPoint(field, int(epoch_us), float(value)) for field, epoch_us, value in rows]
+
+    async def latest(self, device_ids: Sequence[str]) -> dict[str, dict[str, SeriesPoint]]:
+        if not device_ids:
+            return {}
+        names = [f"d{index}" for index in range(len(device_ids))]
+        sql = (
+            "SELECT device_id, field, epoch_us, value FROM telemetry_latest "
+            f"WHERE device_id IN ({', '.join(':' + name for name in names)}) "
+            "ORDER BY device_id, field"
+        )
+        try:
+            async with self.database.engine.connect() as connection:
+                result = await connection.execute(
+                    text(sql), dict(zip(names, device_ids, strict=True))
+                )
+                rows = result.all()
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise BackendUnavailable(f"time-series query failed: {exc}") from exc
+        latest: dict[str, dict[str, SeriesPoint]] = {}
+        for device_id, field, epoch_us, value in rows:
+            latest.setdefault(device_id, {})[field] = SeriesPoint(field, epoch_us, float(value))
+        return latest
+
+    async def health(self) -> str | None:
+        await self.database.ping()
+        return self.backend
