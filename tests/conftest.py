@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,10 @@ from iotmeter.config import Settings
 from iotmeter.db.base import Base
 from iotmeter.db.engine import build_engine
 from iotmeter.db.migrate import upgrade_async
+from tests.fixtures.s3 import seaweedfs
 from tests.fixtures.services import create_pg_database, drop_pg_database
+
+__all__ = ["seaweedfs"]  # one SeaweedFS per session, started when a test first asks
 
 # Tests must never read a developer's own IOTMETER_* settings by accident.
 for _name in [name for name in os.environ if name.startswith("IOTMETER_") and "TEST" not in name]:
@@ -102,5 +105,5 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def repo_root() -> Iterator[Path]:
-    yield Path(__file__).resolve().parents[1]
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

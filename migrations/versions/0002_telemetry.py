@@ -1,4 +1,4 @@
-"""ingestion: SQL time-series store (telemetry) and dead letters
+"""ingestion: SQL time-series store (telemetry, telemetry_latest) and dead letters
 
 Revision ID: 0002
 Revises: 0001
@@ -30,6 +30,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("device_id", "field", "epoch_us", name=op.f("pk_telemetry")),
     )
     op.create_table(
+        "telemetry_latest",
+        sa.Column("device_id", sa.String(64), nullable=False),
+        sa.Column("field", sa.String(64), nullable=False),
+        sa.Column("epoch_us", sa.BigInteger(), nullable=False),
+        sa.Column("value", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("device_id", "field", name=op.f("pk_telemetry_latest")),
+    )
+    op.create_table(
         "dead_letters",
         sa.Column("id", BIG_ID, autoincrement=True, nullable=False),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
@@ -49,4 +57,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("dead_letters")
+    op.drop_table("telemetry_latest")
     op.drop_table("telemetry")

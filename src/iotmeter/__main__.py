@@ -1,4 +1,4 @@
-"""Command line: `iotmeter serve | migrate | settings`."""
+"""Command line: `iotmeter serve | migrate | simulate | settings`."""
 
 from __future__ import annotations
 
@@ -35,15 +35,66 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_table(_settings: Settings | None, _args: argparse.Namespace) -> int:
+def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from iotmeter.logging import configure_logging
+    from iotmeter.simulator.publisher import run_simulator
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("simulator_devices", args.devices),
+            ("simulator_interval_s", args.interval),
+        )
+        if value is not None
+    }
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    broker = args.broker or settings.simulator_mqtt_url
+    if broker is None:
+        broker = (
+            settings.mqtt_url
+            if settings.mqtt_url not in ("auto", "embedded")
+            else f"mqtt://{settings.mqtt_embedded_host}:{settings.mqtt_embedded_port}"
+        )
+    configure_logging(settings.log_level)
+    print(
+        f"simulating {settings.simulator_devices} devices every {settings.simulator_interval_s} s "
+        f"on {broker.split('@')[-1]}; Ctrl-C stops",
+        file=sys.stderr,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_simulator(settings, broker))
+    return 0
+
+
+def _format_default(value: object) -> str:
+    if value is None or value == []:
+        return ""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return "`" + ",".join(str(item) for item in value) + "`"
+    return f"`{value}`"
+
+
+def settings_table() -> str:
+    """The configuration table of the README, generated from the settings' descriptions."""
     from iotmeter.config import env_name
 
-    print("| Variable | Default | Description |")
-    print("|---|---|---|")
+    lines = ["| Variable | Default | Description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()  # type: ignore[call-arg]
-        shown = "" if default is None or default == [] else f"`{default}`"
-        print(f"| `{env_name(name)}` | {shown} | {field.description or ''} |")
+        default = field.get_default(call_default_factory=True)
+        lines.append(
+            f"| `{env_name(name)}` | {_format_default(default)} | {field.description or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def _settings_table(_settings: Settings | None, _args: argparse.Namespace) -> int:
+    print(settings_table())
     return 0
 
 
@@ -58,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("revision", nargs="?", default="head")
     migrate.add_argument("--downgrade", action="store_true", help="downgrade to the revision")
     migrate.set_defaults(handler=_migrate)
+    simulate = commands.add_parser("simulate", help="publish simulated device telemetry")
+    simulate.add_argument("--devices", type=int, help="devices (IOTMETER_SIMULATOR_DEVICES)")
+    simulate.add_argument(
+        "--interval", type=float, help="seconds between messages (IOTMETER_SIMULATOR_INTERVAL_S)"
+    )
+    simulate.add_argument("--broker", help="mqtt://host:port (default: the app's broker)")
+    simulate.set_defaults(handler=_simulate)
     table = commands.add_parser("settings", help="print the settings as a Markdown table")
     table.set_defaults(handler=_settings_table, needs_settings=False)
     return parser

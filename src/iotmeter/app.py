@@ -13,13 +13,17 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from iotmeter import __version__
 from iotmeter.api.errors import install_error_handlers
-from iotmeter.api.routes import alerts, devices, health
+from iotmeter.api.routes import alerts, dead_letters, devices, health, raw, stats, telemetry
 from iotmeter.config import Settings, load_settings
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.migrate import upgrade_async
+from iotmeter.ingest.broker import open_broker
+from iotmeter.ingest.collector import Collector
 from iotmeter.logging import configure_logging
 from iotmeter.runtime import TaskSupervisor
+from iotmeter.simulator.publisher import run_simulator
 from iotmeter.state import AppState
+from iotmeter.storage.factory import open_archive, open_timeseries
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +49,44 @@ async def open_state(
             build_engine(settings.database_url, pool_size=settings.database_pool_size)
         )
         stack.push_async_callback(database.close)
+        timeseries = await stack.enter_async_context(open_timeseries(settings, database))
+        archive = await stack.enter_async_context(open_archive(settings))
+        broker = None
+        if settings.collector_enabled or settings.simulator_enabled:
+            broker = await stack.enter_async_context(open_broker(settings))
 
         supervisor = TaskSupervisor()
-        state = AppState(settings=settings, database=database, supervisor=supervisor)
+        state = AppState(
+            settings=settings,
+            database=database,
+            timeseries=timeseries,
+            archive=archive,
+            supervisor=supervisor,
+            broker=broker,
+        )
         state.health_checks["database"] = partial(_database_health, database)
+        state.health_checks["timeseries"] = timeseries.health
+        state.health_checks["archive"] = archive.health
         # Registered last, so it runs first on the way out: tasks stop before their clients.
         stack.push_async_callback(supervisor.stop)
+        if broker is not None and settings.collector_enabled:
+            collector = Collector(settings, broker, database, timeseries, archive, state.stats)
+            state.collector = collector
+            state.health_checks["mqtt"] = collector.health
+            supervisor.start("collector", collector.run)
+        if broker is not None and settings.simulator_enabled:
+            simulator_url = settings.simulator_mqtt_url or broker.url
+            supervisor.start("simulator", partial(run_simulator, settings, simulator_url))
         for name, task in (extra_tasks or {}).items():
             supervisor.start(name, partial(task, state))
-        logger.info("iotmeter %s started (database: %s)", __version__, database.dialect)
+        logger.info(
+            "iotmeter %s started: database %s, time series %s, archive %s, MQTT %s",
+            __version__,
+            database.dialect,
+            timeseries.backend,
+            archive.backend,
+            broker.describe() if broker else "off",
+        )
         yield state
         logger.info("iotmeter stopping")
 
@@ -89,6 +122,10 @@ def create_app(
     api = APIRouter(prefix="/api/v1")
     api.include_router(devices.router)
     api.include_router(alerts.router)
+    api.include_router(telemetry.router)
+    api.include_router(raw.router)
+    api.include_router(dead_letters.router)
+    api.include_router(stats.router)
     app.include_router(api)
     app.include_router(health.router)
     return app

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from iotmeter.config import Settings
 from iotmeter.db.engine import Database
+from iotmeter.ingest.broker import BrokerAddress
+from iotmeter.ingest.stats import IngestStats
 from iotmeter.runtime import TaskSupervisor
+from iotmeter.storage.archive.base import ArchiveStore
+from iotmeter.storage.timeseries.base import TimeSeriesStore
+
+if TYPE_CHECKING:
+    from iotmeter.ingest.collector import Collector
 
 HealthCheck = Callable[[], Awaitable[str | None]]
 """Returns a short detail when the backend is up; raises `BackendUnavailable` when not."""
@@ -17,5 +25,10 @@ HealthCheck = Callable[[], Awaitable[str | None]]
 class AppState:
     settings: Settings
     database: Database
+    timeseries: TimeSeriesStore
+    archive: ArchiveStore
     supervisor: TaskSupervisor
+    stats: IngestStats = field(default_factory=IngestStats)
+    broker: BrokerAddress | None = None
+    collector: Collector | None = None
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)

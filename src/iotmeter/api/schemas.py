@@ -16,9 +16,17 @@ from pydantic import (
 
 from iotmeter.ids import DEVICE_ID_PATTERN, DEVICE_TYPE_PATTERN
 
+
+def _not_dot_segment(value: str) -> str:
+    if value in (".", ".."):
+        raise ValueError("'.' and '..' are not device ids")
+    return value
+
+
 DeviceId = Annotated[
     str,
     StringConstraints(pattern=DEVICE_ID_PATTERN, min_length=1, max_length=64),
+    AfterValidator(_not_dot_segment),
     Field(
         description="1-64 letters, digits, '-', '_' or '.'; the id used in MQTT topics.",
         examples=["sensor-01"],

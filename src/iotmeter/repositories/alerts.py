@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotmeter.db.models import DeviceAlert
@@ -22,6 +23,28 @@ class AlertRepository:
         self.session.add(alert)
         await self.session.flush()
         return alert
+
+    async def change_status(
+        self,
+        alert_id: int,
+        *,
+        allowed_from: Sequence[str],
+        status: str,
+        stamp: Literal["acknowledged_at", "resolved_at"],
+        at: datetime,
+    ) -> DeviceAlert | None:
+        """Move the alert to `status` and set `stamp`, only if its status is in `allowed_from`.
+
+        One conditional UPDATE, so of two requests at once only one can make the change.
+        None when nothing changed: no such alert, or it is in another status.
+        """
+        return await self.session.scalar(
+            update(DeviceAlert)
+            .where(DeviceAlert.id == alert_id, DeviceAlert.status.in_(allowed_from))
+            .values({"status": status, stamp: at})
+            .returning(DeviceAlert),
+            execution_options={"populate_existing": True},
+        )
 
     async def list(
         self,
@@ -63,4 +86,4 @@ class AlertRepository:
             .where(DeviceAlert.status != "resolved")
             .group_by(DeviceAlert.severity)
         )
-        return dict(rows.tuples())
+        return {str(key): int(count) for key, count in rows}

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotmeter.db.base import utcnow
 from iotmeter.db.models import Device
 
 
@@ -60,16 +63,44 @@ class DeviceRepository:
         )
         return rows.all(), total or 0
 
-    async def delete(self, device: Device) -> None:
-        await self.session.delete(device)
-        await self.session.flush()
+    async def delete(self, device_id: str) -> bool:
+        """Delete a device (its configs and alerts go by ON DELETE CASCADE); False if absent.
 
-    async def existing_ids(self, device_ids: Iterable[str]) -> set[str]:
+        One statement with no prior read, so of two requests at once only one deletes it.
+        """
+        deleted = await self.session.scalar(
+            delete(Device).where(Device.id == device_id).returning(Device.id)
+        )
+        return deleted is not None
+
+    async def types_of(self, device_ids: Iterable[str]) -> dict[str, str]:
+        """The registered type of each of these devices that exists."""
         ids = list(device_ids)
         if not ids:
-            return set()
-        rows = await self.session.scalars(select(Device.id).where(Device.id.in_(ids)))
-        return set(rows.all())
+            return {}
+        rows = await self.session.execute(select(Device.id, Device.type).where(Device.id.in_(ids)))
+        return {str(device_id): str(device_type) for device_id, device_type in rows}
+
+    async def register_missing(self, devices: dict[str, str]) -> None:
+        """Insert the devices (id -> type) that do not exist yet; existing ones are untouched."""
+        if not devices:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "id": device_id,
+                "name": device_id,
+                "type": device_type,
+                "attributes": {"registered_by": "collector"},
+                "status": "active",
+                "created_at": now,
+                "updated_at": now,
+            }
+            for device_id, device_type in devices.items()
+        ]
+        dialect = self.session.get_bind().dialect.name
+        insert_ = postgresql_insert if dialect == "postgresql" else sqlite_insert
+        await self.session.execute(insert_(Device).on_conflict_do_nothing(), rows)
 
     async def touch_last_seen(self, seen: dict[str, datetime]) -> None:
         """Move each device's last_seen_at forward (never back) to the time given."""
@@ -86,7 +117,7 @@ class DeviceRepository:
 
     async def count_by_type(self) -> dict[str, int]:
         rows = await self.session.execute(select(Device.type, func.count()).group_by(Device.type))
-        return dict(rows.tuples())
+        return {str(key): int(count) for key, count in rows}
 
     async def count_seen_since(self, since: datetime) -> int:
         count = await self.session.scalar(

@@ -29,23 +29,31 @@ async def create_alert(session: AsyncSession, fields: dict[str, Any]) -> DeviceA
 
 async def acknowledge_alert(session: AsyncSession, alert_id: int) -> DeviceAlert:
     """Only an active alert can be acknowledged."""
-    alert = await get_alert(session, alert_id)
-    if alert.status != "active":
+    alert = await AlertRepository(session).change_status(
+        alert_id,
+        allowed_from=("active",),
+        status="acknowledged",
+        stamp="acknowledged_at",
+        at=utcnow(),
+    )
+    if alert is None:
+        current = await get_alert(session, alert_id)
         raise Conflict(
-            f"alert {alert_id} is {alert.status}; only an active alert can be acknowledged"
+            f"alert {alert_id} is {current.status}; only an active alert can be acknowledged"
         )
-    alert.status = "acknowledged"
-    alert.acknowledged_at = utcnow()
-    await session.flush()
     return alert
 
 
 async def resolve_alert(session: AsyncSession, alert_id: int) -> DeviceAlert:
     """An active or acknowledged alert can be resolved, once."""
-    alert = await get_alert(session, alert_id)
-    if alert.status == "resolved":
-        raise Conflict(f"alert {alert_id} is already resolved (at {alert.resolved_at})")
-    alert.status = "resolved"
-    alert.resolved_at = utcnow()
-    await session.flush()
+    alert = await AlertRepository(session).change_status(
+        alert_id,
+        allowed_from=("active", "acknowledged"),
+        status="resolved",
+        stamp="resolved_at",
+        at=utcnow(),
+    )
+    if alert is None:
+        current = await get_alert(session, alert_id)
+        raise Conflict(f"alert {alert_id} is already resolved (at {current.resolved_at})")
     return alert

@@ -15,13 +15,17 @@ from iotmeter.repositories.configs import ConfigRepository
 from iotmeter.repositories.devices import DeviceRepository
 
 
+def _device_not_found(device_id: str) -> NotFound:
+    return NotFound(
+        f"device {device_id!r} not found; create it with POST /api/v1/devices or check the id"
+    )
+
+
 async def get_device(session: AsyncSession, device_id: str) -> Device:
     """The device, or `NotFound` naming the id."""
     device = await DeviceRepository(session).get(device_id)
     if device is None:
-        raise NotFound(
-            f"device {device_id!r} not found; create it with POST /api/v1/devices or check the id"
-        )
+        raise _device_not_found(device_id)
     return device
 
 
@@ -63,8 +67,8 @@ async def update_device(session: AsyncSession, device_id: str, changes: dict[str
 
 async def delete_device(session: AsyncSession, device_id: str) -> None:
     """Delete a device with its configs and alerts (its telemetry and archive stay)."""
-    device = await get_device(session, device_id)
-    await DeviceRepository(session).delete(device)
+    if not await DeviceRepository(session).delete(device_id):
+        raise _device_not_found(device_id)
 
 
 async def list_configs(session: AsyncSession, device_id: str) -> Sequence[DeviceConfig]:
@@ -86,8 +90,9 @@ async def put_config(session: AsyncSession, device_id: str, key: str, value: Any
 
 
 async def delete_config(session: AsyncSession, device_id: str, key: str) -> None:
-    config = await get_config(session, device_id, key)
-    await ConfigRepository(session).delete(config)
+    await get_device(session, device_id)
+    if not await ConfigRepository(session).delete(device_id, key):
+        raise NotFound(f"device {device_id!r} has no config key {key!r}")
 
 
 async def replace_configs(
@@ -96,6 +101,8 @@ async def replace_configs(
     """Make the device's configuration exactly `values`."""
     await get_device(session, device_id)
     repository = ConfigRepository(session)
+    # Without the lock, two replacements at once could leave a mix of both bodies.
+    await repository.lock(device_id)
     await repository.delete_all(device_id)
     for key, value in values.items():
         await repository.put(device_id, key, value)

@@ -20,3 +20,14 @@ class TelemetryPoint(Base):
     field: Mapped[str] = mapped_column(String(64), primary_key=True)
     epoch_us: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     value: Mapped[float] = mapped_column(Float)
+
+
+class LatestPoint(Base):
+    """The newest reading of each field of each device, kept on write for list views."""
+
+    __tablename__ = "telemetry_latest"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    field: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch_us: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[float] = mapped_column(Float)

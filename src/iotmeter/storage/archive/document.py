@@ -45,7 +45,7 @@ def key_bound(device_id: str, epoch_us: int) -> str:
 def parse_key(key: str) -> tuple[str, int]:
     """(device_id, epoch_us to the millisecond) of an archive key; ValueError if malformed."""
     device_id, _, name = key.partition("/")
-    if not DEVICE_ID_RE.match(device_id) or not name.endswith(".json") or "/" in name:
+    if not DEVICE_ID_RE.fullmatch(device_id) or not name.endswith(".json") or "/" in name:
         raise ValueError(f"not an archive key: {key!r}")
     stamp = name.split("_", 1)[0]
     try:

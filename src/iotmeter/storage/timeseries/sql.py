@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iotmeter.db.engine import Database
-from iotmeter.errors import BackendUnavailable
+from iotmeter.errors import BackendUnavailable, ValidationFailed
 from iotmeter.ingest.models import ReadingSet
 from iotmeter.storage.timeseries.base import SeriesPoint, SeriesQuery
 
@@ -78,6 +78,8 @@ class SqlTimeSeriesStore:
     def __init__(self, database: Database) -> None:
         self.database = database
         self.backend = f"sql ({database.dialect})"
+        # Field order by code point on every database (PostgreSQL would follow its locale).
+        self._bytewise = ' COLLATE "C"' if database.dialect == "postgresql" else ""
 
     async def write(self, readings: Sequence[ReadingSet]) -> None:
         """Upsert every value of every reading set in one transaction."""
@@ -111,6 +113,12 @@ class SqlTimeSeriesStore:
 
     async def query(self, query: SeriesQuery) -> list[SeriesPoint]:
         """Raw points, or one point per field and window (aligned to the epoch)."""
+        if query.every_us is not None and query.every_us <= 0:
+            raise ValidationFailed("a window (every) must be positive")
+        if query.fields is not None and not query.fields:
+            return []
+        if query.limit < 1 or query.stop_us <= query.start_us:
+            return []
         params: dict[str, Any] = {
             "device_id": query.device_id,
             "start": query.start_us,
@@ -125,11 +133,12 @@ class SqlTimeSeriesStore:
         if query.every_us is None:
             sql = (
                 f"SELECT field, epoch_us, value FROM telemetry WHERE {where} "
-                "ORDER BY field, epoch_us LIMIT :limit"
+                f"ORDER BY field{self._bytewise}, epoch_us LIMIT :limit"
             )
         else:
             params["every"] = query.every_us
-            bucket = "(epoch_us / :every) * :every"
+            # Floor, not truncation toward zero: windows before 1970 stay aligned too.
+            bucket = "(epoch_us - (((epoch_us % :every) + :every) % :every))"
             if query.aggregate in ("first", "last"):
                 order = "epoch_us" if query.aggregate == "first" else "epoch_us DESC"
                 sql = (
@@ -137,13 +146,14 @@ class SqlTimeSeriesStore:
                     f"SELECT field, {bucket} AS bucket, value, ROW_NUMBER() OVER ("
                     f"PARTITION BY field, {bucket} ORDER BY {order}) AS position "
                     f"FROM telemetry WHERE {where}) AS ranked "
-                    "WHERE position = 1 ORDER BY field, bucket LIMIT :limit"
+                    f"WHERE position = 1 ORDER BY field{self._bytewise}, bucket LIMIT :limit"
                 )
             else:
                 function = _AGGREGATE_SQL[query.aggregate]
                 sql = (
                     f"SELECT field, {bucket} AS bucket, {function}(value) FROM telemetry "
-                    f"WHERE {where} GROUP BY field, bucket ORDER BY field, bucket LIMIT :limit"
+                    f"WHERE {where} GROUP BY field, bucket "
+                    f"ORDER BY field{self._bytewise}, bucket LIMIT :limit"
                 )
         try:
             async with self.database.engine.connect() as connection:

@@ -1,0 +1,39 @@
+# The two quick-start commands: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: run test lint bench-smoke clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+## Install and start the app on the embedded defaults, with simulated devices publishing.
+run: $(VENV)/.installed
+	IOTMETER_SIMULATOR_ENABLED=$${IOTMETER_SIMULATOR_ENABLED:-true} \
+		$(BIN)/uvicorn iotmeter.app:app --host $(HOST) --port $(PORT)
+
+## Install the test dependencies, check the services the tests need, run everything.
+test: $(VENV)/.installed-dev
+	$(BIN)/python scripts/prepare_tests.py
+	$(BIN)/pytest
+	$(MAKE) --no-print-directory lint
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests migrations bench scripts
+	$(BIN)/ruff format --check src tests migrations bench scripts
+	$(BIN)/mypy src
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,219 @@
+"""Telemetry queries: ranges with optional windows, latest values."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from iotmeter.api.deps import SessionDep, StateDep
+from iotmeter.api.schemas import ErrorResponse
+from iotmeter.api.timerange import format_time, parse_duration_us, parse_instant_us
+from iotmeter.config import env_name
+from iotmeter.errors import ValidationFailed
+from iotmeter.ids import FIELD_NAME_RE
+from iotmeter.services.devices import get_device
+from iotmeter.storage.timeseries.base import AGGREGATES, Aggregate, SeriesPoint, SeriesQuery
+
+router = APIRouter(tags=["telemetry"])
+MAX_LATEST_DEVICES = 500
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+}
+
+
+class Point(BaseModel):
+    ts: str
+    value: float
+
+
+class Series(BaseModel):
+    field: str
+    points: list[Point]
+
+
+class TelemetryResponse(BaseModel):
+    device_id: str
+    start: str
+    stop: str
+    every: str | None
+    aggregate: Aggregate | None
+    series: list[Series]
+
+
+class LatestValue(BaseModel):
+    ts: str
+    value: float
+
+
+class DeviceLatest(BaseModel):
+    device_id: str
+    fields: dict[str, LatestValue]
+
+
+class LatestMany(BaseModel):
+    devices: dict[str, dict[str, LatestValue]]
+
+
+def _fields(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if not FIELD_NAME_RE.fullmatch(name)]
+    if bad:
+        raise ValidationFailed(f"fields: {bad[0]!r} is not a field name ([A-Za-z0-9_.-]{{1,64}})")
+    return names
+
+
+def _wants_csv(request: Request, format: str | None) -> bool:
+    if format is not None:
+        return format == "csv"
+    accept = request.headers.get("accept", "")
+    return "text/csv" in accept and "application/json" not in accept
+
+
+def _latest_values(points: dict[str, SeriesPoint]) -> dict[str, LatestValue]:
+    return {
+        name: LatestValue(ts=format_time(point.epoch_us), value=point.value)
+        for name, point in sorted(points.items())
+    }
+
+
+@router.get(
+    "/devices/{device_id}/telemetry",
+    responses={
+        **ERRORS,
+        200: {"content": {"text/csv": {}}, "description": "JSON, or CSV when asked for"},
+    },
+    summary="Telemetry of one device over a time range",
+)
+async def device_telemetry(
+    device_id: Annotated[str, Path(max_length=64)],
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    fields: Annotated[
+        str | None, Query(description="Comma-separated field names; default all.")
+    ] = None,
+    start: Annotated[
+        str, Query(description="RFC 3339 time, `now`, or relative like `-1h` (inclusive).")
+    ] = "-1h",
+    stop: Annotated[str, Query(description="RFC 3339 time, `now`, or relative (exclusive).")] = (
+        "now"
+    ),
+    every: Annotated[
+        str | None, Query(description="Window length, e.g. `1m`; omitted: raw points.")
+    ] = None,
+    aggregate: Annotated[
+        Aggregate, Query(description=f"Function per window: {', '.join(AGGREGATES)}.")
+    ] = "mean",
+    format: Annotated[
+        Literal["json", "csv"] | None,
+        Query(description="`csv` for CSV; default JSON (or CSV with `Accept: text/csv`)."),
+    ] = None,
+) -> Any:
+    """Raw points, or one point per window (time = window start, windows aligned to the
+    epoch). The range and the number of points are bounded by settings; over them, a 400
+    says what to change."""
+    settings = state.settings
+    await get_device(session, device_id)
+    now_us = time.time_ns() // 1000
+    start_us = parse_instant_us(start, "start", now_us)
+    stop_us = parse_instant_us(stop, "stop", now_us)
+    if start_us >= stop_us:
+        raise ValidationFailed("start must be before stop")
+    max_range_us = int(settings.query_max_range_s * 1_000_000)
+    if stop_us - start_us > max_range_us:
+        raise ValidationFailed(
+            f"the range spans {(stop_us - start_us) / 86_400e6:.1f} days; at most "
+            f"{settings.query_max_range_s / 86400:.1f} days ({env_name('query_max_range_s')}): "
+            "narrow start/stop"
+        )
+    every_us = parse_duration_us(every, "every") if every else None
+    field_names = _fields(fields)
+    max_points = settings.query_max_points
+    if every_us is not None:
+        windows = -(-(stop_us - start_us) // every_us)
+        if windows * len(field_names or [""]) > max_points:
+            smallest = -(-(stop_us - start_us) * len(field_names or [""]) // max_points)
+            raise ValidationFailed(
+                f"{windows} windows of {every} exceed the limit of {max_points} points "
+                f"({env_name('query_max_points')}); use every >= {smallest // 1_000_000 + 1}s "
+                "or a shorter range"
+            )
+    points = await state.timeseries.query(
+        SeriesQuery(
+            device_id=device_id,
+            start_us=start_us,
+            stop_us=stop_us,
+            fields=field_names,
+            every_us=every_us,
+            aggregate=aggregate,
+            limit=max_points + 1,
+        )
+    )
+    if len(points) > max_points:
+        raise ValidationFailed(
+            f"more than {max_points} points in this range ({env_name('query_max_points')}); "
+            "add every= (e.g. every=1m) to aggregate, or narrow the range or the fields"
+        )
+    if _wants_csv(request, format):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["device_id", "field", "ts", "value"])
+        for point in points:
+            writer.writerow(
+                [device_id, point.field, format_time(point.epoch_us), repr(point.value)]
+            )
+        return Response(buffer.getvalue(), media_type="text/csv; charset=utf-8")
+    series: dict[str, list[Point]] = {}
+    for point in points:
+        series.setdefault(point.field, []).append(
+            Point(ts=format_time(point.epoch_us), value=point.value)
+        )
+    return TelemetryResponse(
+        device_id=device_id,
+        start=format_time(start_us),
+        stop=format_time(stop_us),
+        every=every,
+        aggregate=aggregate if every else None,
+        series=[Series(field=name, points=values) for name, values in series.items()],
+    )
+
+
+@router.get(
+    "/devices/{device_id}/latest",
+    responses=ERRORS,
+    summary="Latest value of each field of a device",
+)
+async def device_latest(
+    device_id: Annotated[str, Path(max_length=64)], state: StateDep, session: SessionDep
+) -> DeviceLatest:
+    await get_device(session, device_id)
+    latest = await state.timeseries.latest([device_id])
+    return DeviceLatest(device_id=device_id, fields=_latest_values(latest.get(device_id, {})))
+
+
+@router.get("/telemetry/latest", responses=ERRORS, summary="Latest values of many devices")
+async def latest_many(
+    state: StateDep,
+    device_ids: Annotated[
+        str, Query(description=f"Comma-separated device ids (at most {MAX_LATEST_DEVICES}).")
+    ],
+) -> LatestMany:
+    """For list views: one call for a page of devices. Devices without data are left out."""
+    ids = list(dict.fromkeys(name.strip() for name in device_ids.split(",") if name.strip()))
+    if not ids:
+        raise ValidationFailed("device_ids: give at least one device id")
+    if len(ids) > MAX_LATEST_DEVICES:
+        raise ValidationFailed(
+            f"device_ids: {len(ids)} given, at most {MAX_LATEST_DEVICES}; split the request"
+        )
+    latest = await state.timeseries.latest(ids)
+    return LatestMany(devices={name: _latest_values(points) for name, points in latest.items()})

@@ -1,0 +1,63 @@
+"""Parsing of time-range query parameters: RFC 3339 instants, relative times and durations."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from iotmeter.errors import ValidationFailed
+
+_DURATION = re.compile(r"^(\d+)(us|ms|s|m|h|d|w)$")
+_UNIT_US = {
+    "us": 1,
+    "ms": 1_000,
+    "s": 1_000_000,
+    "m": 60_000_000,
+    "h": 3_600_000_000,
+    "d": 86_400_000_000,
+    "w": 604_800_000_000,
+}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_duration_us(text: str, name: str) -> int:
+    """`90s`, `1m`, `15m`, `1h`, `7d`... in microseconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValidationFailed(
+            f"{name}={text!r} is not a duration; use a positive number and a unit "
+            "(us, ms, s, m, h, d, w), e.g. 1m or 15m"
+        )
+    return int(match.group(1)) * _UNIT_US[match.group(2)]
+
+
+def to_epoch_us(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_epoch_us(epoch_us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=epoch_us)
+
+
+def parse_instant_us(text: str, name: str, now_us: int) -> int:
+    """An RFC 3339 time with zone, `now`, or a time relative to now like `-1h`."""
+    text = text.strip()
+    if text == "now":
+        return now_us
+    if text.startswith("-"):
+        return now_us - parse_duration_us(text[1:], name)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ValidationFailed(
+            f"{name}={text!r} is not a time; use RFC 3339 with a zone "
+            "(2026-01-01T00:00:00Z), `now`, or a relative time like -1h"
+        )
+    return to_epoch_us(moment)
+
+
+def format_time(epoch_us: int) -> str:
+    """RFC 3339 UTC with microseconds and `Z`."""
+    return from_epoch_us(epoch_us).isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -1,0 +1,227 @@
+"""The embedded archive: one JSON file per reading set under a local folder.
+
+Key `{device_id}/{name}` is the file `root/device_id/name`; names sort by time, so listing a
+time range is a filter over one device folder. Every write is atomic (temporary file in the same
+folder, then `os.replace`): a reader never sees half a document, and a redelivery overwrites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from iotmeter.config import Settings
+from iotmeter.errors import BackendUnavailable, NotFound
+from iotmeter.ids import DEVICE_ID_RE
+from iotmeter.ingest.models import ReadingSet
+from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage
+from iotmeter.storage.archive.document import encode_archive_document, key_bound, parse_key
+
+if TYPE_CHECKING:
+    from iotmeter.storage.archive.base import ArchiveStore
+
+_SUFFIX = ".json"
+_TEMP_SUFFIX = ".tmp"
+# Stricter than `parse_key`: only what `ReadingSet.archive_key` produces, so a key can never
+# carry a path separator, a NUL byte or anything else a file system or URL would reinterpret.
+_NAME_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_[A-Za-z0-9_.\-]{1,96}\.json$")
+
+
+def check_device_id(device_id: str) -> None:
+    """ValueError unless `device_id` is safe as one path segment of a key."""
+    # "." and ".." pass DEVICE_ID_RE but would name the root or its parent as a folder.
+    if not DEVICE_ID_RE.match(device_id) or device_id in (".", ".."):
+        raise ValueError(f"not a device id: {device_id!r}")
+
+
+def checked_key(key: str) -> tuple[str, str, int]:
+    """(device_id, file name, epoch_us) of a valid archive key; ValueError otherwise."""
+    device_id, epoch_us = parse_key(key)
+    check_device_id(device_id)
+    name = key.partition("/")[2]
+    if not _NAME_RE.match(name):
+        raise ValueError(f"not an archive key: {key!r}")
+    return device_id, name, epoch_us
+
+
+def _names_between(
+    folder: Path, low: str, high: str, low_exclusive: str | None, count: int
+) -> list[str]:
+    """The first `count` names in [low, high) and > low_exclusive, in order."""
+    try:
+        entries = os.scandir(folder)
+    except FileNotFoundError:
+        return []
+    with entries:
+        names = (
+            entry.name
+            for entry in entries
+            if entry.name.endswith(_SUFFIX)
+            and low <= entry.name < high
+            and (low_exclusive is None or entry.name > low_exclusive)
+        )
+        # Smallest `count` without sorting a folder that may hold millions of files.
+        return heapq.nsmallest(count, names)
+
+
+class LocalArchiveStore:
+    """Archive in a local folder (the zero-config default)."""
+
+    backend = "local"
+
+    def __init__(self, root: Path | str, *, fsync: bool = False) -> None:
+        """No file system access here; `open` creates the folder up front, else the first write.
+
+        `fsync=True` makes every batch survive power loss too, at a large cost in throughput.
+        """
+        self.root = Path(root)
+        self.fsync = fsync
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, root: Path | str, *, fsync: bool = False
+    ) -> AsyncIterator[LocalArchiveStore]:
+        """The store on `root`, created if missing; nothing to close afterwards."""
+        folder = Path(root)
+        try:
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+            folder = await asyncio.to_thread(folder.resolve)
+        except OSError as exc:
+            raise BackendUnavailable(f"archive folder {folder} cannot be created: {exc}") from exc
+        yield cls(folder, fsync=fsync)
+
+    def _error(self, action: str, exc: OSError) -> BackendUnavailable:
+        return BackendUnavailable(f"archive folder {self.root}: {action} failed: {exc}")
+
+    async def put(self, readings: Sequence[ReadingSet]) -> None:
+        """Archive each reading set under its `archive_key`; a repeated key overwrites."""
+        if not readings:
+            return
+        documents: list[tuple[str, str, bytes]] = []
+        for reading in readings:
+            device_id, name, _ = checked_key(reading.archive_key)
+            documents.append((device_id, name, encode_archive_document(reading)))
+        try:
+            await asyncio.to_thread(self._write_all, documents)
+        except OSError as exc:
+            raise self._error("write", exc) from exc
+
+    def _write_all(self, documents: list[tuple[str, str, bytes]]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        folders: set[Path] = set()
+        for device_id, name, body in documents:
+            folder = self.root / device_id
+            if folder not in folders:
+                folder.mkdir(exist_ok=True)
+                folders.add(folder)
+            self._write_one(folder, name, body)
+        if self.fsync:
+            for folder in folders:
+                # The renames are only durable once the folder entries are.
+                descriptor = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+
+    def _write_one(self, folder: Path, name: str, body: bytes) -> None:
+        # A leading dot and another suffix keep temporary files out of every listing.
+        temporary = folder / f".{name}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
+        try:
+            with open(temporary, "wb") as file:
+                file.write(body)
+                if self.fsync:
+                    file.flush()
+                    os.fsync(file.fileno())
+            os.replace(temporary, folder / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+
+    async def list(
+        self,
+        device_id: str,
+        start_us: int,
+        stop_us: int,
+        *,
+        limit: int,
+        after: str | None = None,
+    ) -> ArchivePage:
+        """Keys of a device's archived messages with time in [start, stop), oldest first."""
+        check_device_id(device_id)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1 (got {limit})")
+        prefix_length = len(device_id) + 1
+        low = key_bound(device_id, start_us)[prefix_length:]
+        high = key_bound(device_id, stop_us)[prefix_length:]
+        if after is not None and after.startswith(f"{device_id}/"):
+            low_exclusive: str | None = after[prefix_length:]
+        elif after is not None and after > f"{device_id}/":
+            # A cursor past this device's keys (or malformed): nothing is left.
+            return ArchivePage(keys=[], next_cursor=None)
+        else:
+            low_exclusive = None
+        try:
+            names = await asyncio.to_thread(
+                _names_between, self.root / device_id, low, high, low_exclusive, limit + 1
+            )
+        except OSError as exc:
+            raise self._error("listing", exc) from exc
+        keys = [f"{device_id}/{name}" for name in names[:limit]]
+        next_cursor = keys[-1] if len(names) > limit else None
+        return ArchivePage(keys=keys, next_cursor=next_cursor)
+
+    async def get(self, key: str) -> ArchivedMessage:
+        """One archived message; `NotFound` when there is no such key (or it is no valid key)."""
+        try:
+            device_id, name, epoch_us = checked_key(key)
+        except ValueError:
+            raise NotFound(f"no archived message {key!r}") from None
+        path = self.root / device_id / name
+        try:
+            body = await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no archived message {key!r}") from None
+        except OSError as exc:
+            raise self._error("read", exc) from exc
+        return ArchivedMessage(key=key, device_id=device_id, epoch_us=epoch_us, body=body)
+
+    async def health(self) -> str | None:
+        """The folder's path when a file can be written there; `BackendUnavailable` if not."""
+        try:
+            await asyncio.to_thread(self._probe)
+        except OSError as exc:
+            raise self._error("health probe", exc) from exc
+        return str(self.root)
+
+    def _probe(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f".health-{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
+        try:
+            probe.write_bytes(b"ok")
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+
+@asynccontextmanager
+async def open_local_store(settings: Settings) -> AsyncIterator[LocalArchiveStore]:
+    """The local archive of `settings.archive_dir`."""
+    async with LocalArchiveStore.open(settings.archive_dir) as store:
+        yield store
+
+
+if TYPE_CHECKING:
+
+    def _satisfies_protocol(store: LocalArchiveStore) -> ArchiveStore:
+        return store

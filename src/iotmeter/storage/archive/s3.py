@@ -1,0 +1,316 @@
+"""The production archive: one object per reading set in an S3-compatible bucket.
+
+One aiobotocore client lives as long as the store (open it with `S3ArchiveStore.open` or
+`open_s3_store`). Every botocore/aiohttp failure leaves this module as `BackendUnavailable`
+naming the endpoint and bucket, except a missing key, which is `NotFound`.
+
+S3 down at start-up does not stop the app: `open` logs a warning and the bucket check (and
+creation) is retried by the next call, which raises `BackendUnavailable` while S3 stays away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import SecretStr
+
+from iotmeter.config import Settings, env_name
+from iotmeter.errors import BackendUnavailable, NotFound, SettingsInvalid
+from iotmeter.ingest.models import ReadingSet
+from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage
+from iotmeter.storage.archive.document import encode_archive_document, key_bound, key_prefix
+from iotmeter.storage.archive.local import check_device_id, checked_key
+
+if TYPE_CHECKING:
+    from iotmeter.storage.archive.base import ArchiveStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 32
+_LIST_PAGE_MAX = 1000  # S3 never returns more keys per ListObjectsV2 call.
+_VENDOR_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError)
+_MISSING_BUCKET = frozenset({"404", "NoSuchBucket", "NotFound"})
+_MISSING_KEY = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def _error_code(exc: BaseException | None) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _without_credentials(url: str) -> str:
+    """The URL as safe to show: any `user:password@` part dropped."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _secret(value: SecretStr | str) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+class S3ArchiveStore:
+    """Archive in an S3-compatible bucket (AWS S3, MinIO, SeaweedFS...)."""
+
+    backend = "s3"
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        bucket: str,
+        endpoint_url: str,
+        region: str = "us-east-1",
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        """Wrap an open aiobotocore S3 client; use `open` to get one with the right settings."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
+        self._client = client
+        self.bucket = bucket
+        self.endpoint_url = _without_credentials(endpoint_url)
+        self.region = region
+        self.concurrency = concurrency
+        self._bucket_ready = False
+        self._bucket_lock = asyncio.Lock()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        *,
+        endpoint_url: str,
+        bucket: str,
+        access_key: SecretStr | str,
+        secret_key: SecretStr | str,
+        region: str = "us-east-1",
+        concurrency: int = DEFAULT_CONCURRENCY,
+        connect_timeout: float = 5,
+        read_timeout: float = 30,
+        max_attempts: int = 3,
+    ) -> AsyncIterator[S3ArchiveStore]:
+        """A store with its own client; checks (or creates) the bucket, tolerating S3 down."""
+        config = AioConfig(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # One pooled connection per concurrent upload (botocore's default pool is 10).
+            max_pool_connections=concurrency,
+            # Checksums only where S3 demands them: S3-compatible servers differ in support
+            # for the newer default (CRC trailers on every upload).
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            # Load the service model in a thread, not on the event loop.
+            warm_up_loader_caches=True,
+        )
+        session = get_session()
+        async with session.create_client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=_secret(access_key),
+            aws_secret_access_key=_secret(secret_key),
+            config=config,
+        ) as client:
+            store = cls(
+                client,
+                bucket=bucket,
+                endpoint_url=endpoint_url,
+                region=region,
+                concurrency=concurrency,
+            )
+            try:
+                await store._ensure_bucket()
+            except BackendUnavailable as exc:
+                logger.warning("%s; the archive retries on first use", exc.message)
+            yield store
+
+    def _unavailable(self, operation: str, exc: BaseException) -> BackendUnavailable:
+        reason = str(exc) or type(exc).__name__
+        return BackendUnavailable(
+            f"S3 archive at {self.endpoint_url} (bucket {self.bucket}): {operation} failed: "
+            f"{reason}",
+            details={"endpoint": self.endpoint_url, "bucket": self.bucket},
+        )
+
+    @contextlib.contextmanager
+    def _calling(self, operation: str) -> Iterator[None]:
+        """Turn vendor errors into `BackendUnavailable`; a vanished bucket is checked again."""
+        try:
+            yield
+        except _VENDOR_ERRORS as exc:
+            code = _error_code(exc)
+            if code == "NoSuchBucket" or (operation == "HeadBucket" and code in _MISSING_BUCKET):
+                self._bucket_ready = False
+            raise self._unavailable(operation, exc) from exc
+
+    async def _ensure_bucket(self) -> None:
+        if self._bucket_ready:
+            return
+        async with self._bucket_lock:
+            if self._bucket_ready:
+                return
+            try:
+                await self._client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if _error_code(exc) not in _MISSING_BUCKET:
+                    raise self._unavailable("HeadBucket", exc) from exc
+                await self._create_bucket()
+            except _VENDOR_ERRORS as exc:
+                raise self._unavailable("HeadBucket", exc) from exc
+            self._bucket_ready = True
+
+    async def _create_bucket(self) -> None:
+        options: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region != "us-east-1":
+            options["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            await self._client.create_bucket(**options)
+        except ClientError as exc:
+            if _error_code(exc) != "BucketAlreadyOwnedByYou":
+                raise self._unavailable("CreateBucket", exc) from exc
+        except _VENDOR_ERRORS as exc:
+            raise self._unavailable("CreateBucket", exc) from exc
+        else:
+            logger.info("created bucket %s at %s", self.bucket, self.endpoint_url)
+
+    async def put(self, readings: Sequence[ReadingSet]) -> None:
+        """Archive each reading set under its `archive_key`; a repeated key overwrites."""
+        if not readings:
+            return
+        documents: list[tuple[str, bytes]] = []
+        for reading in readings:
+            key = reading.archive_key
+            checked_key(key)
+            documents.append((key, encode_archive_document(reading)))
+        await self._ensure_bucket()
+        pending = iter(documents)
+
+        async def upload() -> None:
+            # Workers share one iterator: at most `concurrency` requests in flight, and no
+            # task per document for large batches.
+            for key, body in pending:
+                with self._calling("PutObject"):
+                    await self._client.put_object(
+                        Bucket=self.bucket, Key=key, Body=body, ContentType="application/json"
+                    )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.concurrency, len(documents))):
+                    group.create_task(upload())
+        except ExceptionGroup as failures:
+            if all(isinstance(exc, BackendUnavailable) for exc in failures.exceptions):
+                raise failures.exceptions[0] from None
+            raise
+
+    async def list(
+        self,
+        device_id: str,
+        start_us: int,
+        stop_us: int,
+        *,
+        limit: int,
+        after: str | None = None,
+    ) -> ArchivePage:
+        """Keys of a device's archived messages with time in [start, stop), oldest first."""
+        check_device_id(device_id)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1 (got {limit})")
+        high = key_bound(device_id, stop_us)
+        # StartAfter is exclusive, and that is right for the bound itself: no key equals it
+        # (every key continues with `_{tie}.json`), so a key at exactly start_us is included.
+        start_after = key_bound(device_id, start_us)
+        if after is not None and after > start_after:
+            start_after = after
+        if start_after >= high:
+            return ArchivePage(keys=[], next_cursor=None)
+        await self._ensure_bucket()
+        keys: list[str] = []
+        # One key more than asked tells whether another page exists.
+        while len(keys) <= limit:
+            with self._calling("ListObjectsV2"):
+                response = await self._client.list_objects_v2(
+                    Bucket=self.bucket,
+                    Prefix=key_prefix(device_id),
+                    StartAfter=start_after,
+                    MaxKeys=min(_LIST_PAGE_MAX, limit + 1 - len(keys)),
+                )
+            contents = response.get("Contents", [])
+            page = [item["Key"] for item in contents if item["Key"] < high]
+            keys.extend(page)
+            if len(page) < len(contents) or not response.get("IsTruncated") or not page:
+                break
+            start_after = page[-1]
+        if len(keys) > limit:
+            return ArchivePage(keys=keys[:limit], next_cursor=keys[limit - 1])
+        return ArchivePage(keys=keys, next_cursor=None)
+
+    async def get(self, key: str) -> ArchivedMessage:
+        """One archived message; `NotFound` when there is no such key (or it is no valid key)."""
+        try:
+            device_id, _, epoch_us = checked_key(key)
+        except ValueError:
+            raise NotFound(f"no archived message {key!r}") from None
+        await self._ensure_bucket()
+        try:
+            with self._calling("GetObject"):
+                response = await self._client.get_object(Bucket=self.bucket, Key=key)
+                async with response["Body"] as stream:
+                    body: bytes = await stream.read()
+        except BackendUnavailable as exc:
+            if _error_code(exc.__cause__) in _MISSING_KEY:
+                raise NotFound(f"no archived message {key!r}") from None
+            raise
+        return ArchivedMessage(key=key, device_id=device_id, epoch_us=epoch_us, body=body)
+
+    async def health(self) -> str | None:
+        """`endpoint/bucket` when the bucket answers; `BackendUnavailable` when not."""
+        if self._bucket_ready:
+            with self._calling("HeadBucket"):
+                await self._client.head_bucket(Bucket=self.bucket)
+        else:
+            await self._ensure_bucket()
+        return f"{self.endpoint_url}/{self.bucket}"
+
+
+@asynccontextmanager
+async def open_s3_store(
+    settings: Settings, *, concurrency: int = DEFAULT_CONCURRENCY
+) -> AsyncIterator[S3ArchiveStore]:
+    """The S3 archive the settings describe (`IOTMETER_S3_*`)."""
+    if not settings.s3_endpoint_url:
+        raise SettingsInvalid(f"{env_name('s3_endpoint_url')} is not set")
+    if settings.s3_access_key is None or settings.s3_secret_key is None:
+        raise SettingsInvalid(
+            f"{env_name('s3_access_key')} and {env_name('s3_secret_key')} are required "
+            "for the S3 archive"
+        )
+    async with S3ArchiveStore.open(
+        endpoint_url=settings.s3_endpoint_url,
+        bucket=settings.s3_bucket,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        region=settings.s3_region,
+        concurrency=concurrency,
+    ) as store:
+        yield store
+
+
+if TYPE_CHECKING:
+
+    def _satisfies_protocol(store: S3ArchiveStore) -> ArchiveStore:
+        return store

@@ -1,0 +1,39 @@
+"""The one place that reads the settings and picks each store's backend."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from iotmeter.config import Settings
+from iotmeter.db.engine import Database
+from iotmeter.storage.archive.base import ArchiveStore
+from iotmeter.storage.timeseries.base import TimeSeriesStore
+
+
+@contextlib.asynccontextmanager
+async def open_timeseries(settings: Settings, database: Database) -> AsyncIterator[TimeSeriesStore]:
+    """InfluxDB 2.x when `IOTMETER_INFLUX_URL` is set, else the SQL store in the registry DB."""
+    if settings.influx_url:
+        from iotmeter.storage.timeseries.influx import open_influx_store
+
+        async with open_influx_store(settings) as influx:
+            yield influx
+        return
+    from iotmeter.storage.timeseries.sql import SqlTimeSeriesStore
+
+    yield SqlTimeSeriesStore(database)
+
+
+@contextlib.asynccontextmanager
+async def open_archive(settings: Settings) -> AsyncIterator[ArchiveStore]:
+    """S3 when `IOTMETER_S3_ENDPOINT_URL` is set, else the local folder archive."""
+    if settings.s3_endpoint_url:
+        from iotmeter.storage.archive.s3 import open_s3_store
+
+        async with open_s3_store(settings) as s3:
+            yield s3
+        return
+    from iotmeter.storage.archive.local import LocalArchiveStore
+
+    yield LocalArchiveStore(settings.archive_dir)
