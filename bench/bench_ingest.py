@@ -23,16 +23,17 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iotmeter.app import open_state  # noqa: E402
-from iotmeter.config import Settings  # noqa: E402
-from iotmeter.db.migrate import upgrade_async  # noqa: E402
-from tests.fixtures.s3 import s3_settings  # noqa: E402
-from tests.fixtures.services import (  # noqa: E402
+from tests.fixtures.s3 import s3_settings
+from tests.fixtures.services import (
     create_pg_database,
     drop_pg_database,
     running_mosquitto,
     running_seaweedfs,
 )
+
+from iotmeter.app import open_state
+from iotmeter.config import Settings
+from iotmeter.db.migrate import upgrade_async
 
 
 def publisher(port: int, messages: int, devices: int, started: multiprocessing.Event) -> None:  # type: ignore[valid-type]
@@ -76,12 +77,13 @@ async def run(args: argparse.Namespace) -> None:
                 database_url=database_url,
                 mqtt_url=broker.url,
                 archive_dir=Path(workdir) / "archive",
+                spool_dir=Path(workdir) / "spool",
                 log_level="WARNING",
                 **overrides,  # type: ignore[arg-type]
             )
             async with AsyncExitStack() as stack:
                 state = await stack.enter_async_context(open_state(settings))
-                while state.collector is None or not state.collector.connected:
+                while state.collector is None or not state.collector.connected:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
                 started = multiprocessing.Event()
                 process = multiprocessing.Process(

@@ -68,6 +68,7 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
         "database_url": database_url,
         "database_auto_migrate": False,
         "archive_dir": tmp_path / "archive",
+        "spool_dir": tmp_path / "spool",
         "collector_enabled": False,
         "simulator_enabled": False,
         "log_level": "DEBUG",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,7 +19,8 @@ from iotmeter.config import Settings, load_settings
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.migrate import upgrade_async
 from iotmeter.ingest.broker import open_broker
-from iotmeter.ingest.collector import Collector
+from iotmeter.ingest.collector import SINKS, Collector
+from iotmeter.ingest.spool import Spool
 from iotmeter.logging import configure_logging
 from iotmeter.runtime import TaskSupervisor
 from iotmeter.simulator.publisher import run_simulator
@@ -55,6 +57,18 @@ async def open_state(
         if settings.collector_enabled or settings.simulator_enabled:
             broker = await stack.enter_async_context(open_broker(settings))
 
+        spool = None
+        if broker is not None and settings.collector_enabled:
+            spool = Spool(
+                settings.spool_dir,
+                list(SINKS),
+                max_bytes=settings.spool_max_bytes,
+                segment_bytes=settings.spool_segment_bytes,
+                memory_bytes=settings.spool_memory_bytes,
+            )
+            await asyncio.to_thread(spool.open)
+            stack.callback(spool.close)
+
         supervisor = TaskSupervisor()
         state = AppState(
             settings=settings,
@@ -69,10 +83,13 @@ async def open_state(
         state.health_checks["archive"] = archive.health
         # Registered last, so it runs first on the way out: tasks stop before their clients.
         stack.push_async_callback(supervisor.stop)
-        if broker is not None and settings.collector_enabled:
-            collector = Collector(settings, broker, database, timeseries, archive, state.stats)
+        if broker is not None and spool is not None:
+            collector = Collector(
+                settings, broker, database, timeseries, archive, state.stats, spool
+            )
             state.collector = collector
             state.health_checks["mqtt"] = collector.health
+            state.health_checks["spool"] = collector.spool_health
             supervisor.start("collector", collector.run)
         if broker is not None and settings.simulator_enabled:
             simulator_url = settings.simulator_mqtt_url or broker.url

@@ -119,6 +119,38 @@ class Settings(BaseSettings):
     batch_max_delay_s: float = Field(
         0.2, gt=0, le=60, description="...or this many seconds after the first one, if sooner."
     )
+    spool_dir: Path = Field(
+        Path("./data/spool"),
+        description="Folder of the write-ahead spool: messages are acked to the broker only "
+        "once they are fsync'd here.",
+    )
+    spool_max_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Disk the spool may use; when full, iotmeter stops acking (the broker "
+        "holds the backlog) and says so in /ready.",
+    )
+    spool_segment_bytes: int = Field(
+        32 << 20, ge=1 << 16, description="Size at which a spool segment file is rolled."
+    )
+    spool_memory_bytes: int = Field(
+        64 << 20,
+        ge=1 << 20,
+        description="Recent spool records kept in memory, so sinks near the head never read disk.",
+    )
+    spool_commit_interval_s: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="Group commit: the spool fsyncs (and acks) what arrived in this interval.",
+    )
+    mqtt_max_inflight: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="Messages received but not yet acked; with Mosquitto, match its "
+        "`max_inflight_messages`.",
+    )
     online_window_s: float = Field(
         300.0, gt=0, description="A device seen within this many seconds counts as online."
     )

@@ -76,8 +76,9 @@ async def test_influxdb_time_series(pg_url: str, tmp_path: Path, mosquitto: Mosq
             )
             await eventually(
                 lambda: api.get("/api/v1/devices/th-1/telemetry", params={"start": "-1m"}),
-                lambda r: r.status_code == 200
-                and sum(len(s["points"]) for s in r.json()["series"]) == 2,
+                lambda r: (
+                    r.status_code == 200 and sum(len(s["points"]) for s in r.json()["series"]) == 2
+                ),
                 what="both humidity points through InfluxDB",
             )
             latest = (await api.get("/api/v1/devices/th-1/latest")).json()

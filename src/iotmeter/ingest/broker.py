@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -23,20 +23,23 @@ class BrokerAddress:
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
     origin: str = "configured"
     """`configured` (a URL), `local` (found answering on the auto address) or `embedded`."""
 
     @classmethod
     def from_url(cls, url: str, origin: str = "configured") -> BrokerAddress:
+        """Parse `mqtt[s]://[user:pass@]host[:port]` (credentials may be percent-escaped)."""
         parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.hostname:
+            raise ValueError(f"not a broker URL like mqtt://user:password@host:1883: {url!r}")
         tls = parts.scheme == "mqtts"
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or (8883 if tls else 1883),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            username=unquote(parts.username) if parts.username is not None else None,
+            password=unquote(parts.password) if parts.password is not None else None,
             tls=tls,
             origin=origin,
         )

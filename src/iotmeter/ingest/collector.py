@@ -1,29 +1,35 @@
-"""The MQTT collector: subscribe, decode, batch, and write each batch to both stores.
+"""The MQTT collector: receive, spool durably, acknowledge, then drain to every sink.
 
-Two loops share a buffer: the receiver decodes messages as they arrive; the flusher takes
-whatever has accumulated (at most `batch_max_messages`, or after `batch_max_delay_s`) and writes
-it to the registry, the time-series store and the archive, retrying each until it succeeds.
+A QoS 1 message is acknowledged to the broker (PUBACK) only after it is fsync'd in the local
+spool. aiomqtt 2.x acknowledges as soon as a message reaches its queue, so the collector turns on
+paho's manual acknowledgement underneath it (see `_enable_manual_ack`) and acks after each group
+commit. Three sinks drain the spool independently, each from its own confirmed position, with
+retries and capped backoff: the registry (devices, last_seen, dead letters), the time-series
+store and the archive. One slow or failing sink never holds up the others; the spool frees space
+only once all of them have confirmed it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import aiomqtt
 
-from iotmeter.config import Settings
+from iotmeter.config import Settings, env_name
 from iotmeter.db.engine import Database
 from iotmeter.errors import BackendUnavailable
 from iotmeter.ingest.broker import BrokerAddress
-from iotmeter.ingest.decode import DecodeLimits, decode_message
+from iotmeter.ingest.decode import DecodeLimits, decode_message, device_id_from_topic
 from iotmeter.ingest.models import ReadingSet, Rejection, RejectReason
+from iotmeter.ingest.spool import Chunk, Spool
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.repositories.dead_letters import DeadLetterRepository
 from iotmeter.repositories.devices import DeviceRepository
@@ -34,17 +40,32 @@ logger = logging.getLogger(__name__)
 
 TOPIC_FILTER = "iot/+/telemetry"
 MAX_BACKOFF_S = 30.0
-FINAL_FLUSH_TIMEOUT_S = 15.0
 UNKNOWN_TYPE = "unknown"
+SINKS = ("registry", "timeseries", "archive")
 
 
-@dataclass
-class Batch:
-    readings: list[ReadingSet] = field(default_factory=list)
-    rejections: list[Rejection] = field(default_factory=list)
+class ManualAckUnsupported(RuntimeError):
+    """The installed aiomqtt no longer exposes what manual acknowledgement needs."""
 
-    def __len__(self) -> int:
-        return len(self.readings) + len(self.rejections)
+
+def _enable_manual_ack(client: aiomqtt.Client) -> Any:
+    """Switch paho (under aiomqtt) to manual PUBACKs; returns the paho client for `ack()`.
+
+    aiomqtt 2.x keeps its paho client in `_client` and does not expose `manual_ack`; a test
+    (tests/integration/test_manual_ack.py) fails if a release changes either.
+    """
+    paho = getattr(client, "_client", None)
+    if paho is None or not hasattr(paho, "manual_ack_set") or not hasattr(paho, "ack"):
+        raise ManualAckUnsupported(
+            "this aiomqtt version hides paho's manual acknowledgement; without it iotmeter "
+            "cannot ack only what is durable: pin aiomqtt<3 or update iotmeter"
+        )
+    paho.manual_ack_set(True)
+    return paho
+
+
+def _from_epoch_us(epoch_us: int) -> datetime:
+    return datetime.fromtimestamp(epoch_us / 1_000_000, UTC)
 
 
 class Backoff:
@@ -56,14 +77,16 @@ class Backoff:
         self.cap = cap
         self.delay = initial
         self.failing_since: float | None = None
+        self.last_error: str | None = None
 
     def failed(self, exc: BaseException, retry_after: float | None = None) -> float:
+        self.last_error = str(exc) or type(exc).__name__
         if self.failing_since is None:
             self.failing_since = time.monotonic()
-            logger.warning("%s failing, will retry until it works: %s", self.what, exc)
+            logger.warning("%s failing, retrying until it works: %s", self.what, exc)
         else:
             logger.debug("%s still failing: %s", self.what, exc)
-        wait = max(self.delay, retry_after or 0.0)
+        wait = self.delay if retry_after is None else max(retry_after, 0.05)
         self.delay = min(self.delay * 2, self.cap)
         return wait
 
@@ -73,7 +96,51 @@ class Backoff:
                 "%s recovered after %.1f s", self.what, time.monotonic() - self.failing_since
             )
         self.failing_since = None
+        self.last_error = None
         self.delay = self.initial
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    readings: list[ReadingSet]
+    rejections: list[Rejection]
+
+
+class DeviceDirectory:
+    """The registry's view for the sinks: each device's registered type (cached)."""
+
+    def __init__(self, database: Database, auto_register: bool) -> None:
+        self.database = database
+        self.auto_register = auto_register
+        self.types: dict[str, str] = {}
+
+    async def resolve(self, readings: Sequence[ReadingSet]) -> list[ReadingSet]:
+        """Readings with the registry's type; without those of unregistered devices when
+        auto-registration is off (the registry sink dead-letters them)."""
+        missing = {r.device_id for r in readings if r.device_id not in self.types}
+        if missing:
+            try:
+                async with self.database.transaction() as session:
+                    self.types.update(await DeviceRepository(session).types_of(missing))
+            except Exception as exc:
+                if not self.auto_register:
+                    raise BackendUnavailable(f"registry lookup failed: {exc}") from exc
+                # The type only labels the series; the device's own type is the best guess.
+        result = []
+        for reading in readings:
+            registered = self.types.get(reading.device_id)
+            if registered is None:
+                if not self.auto_register:
+                    continue
+                # Not registered yet: the registry sink will register it with the type of its
+                # first reading, as seen here in the same spool order.
+                registered = self.types[reading.device_id] = reading.device_type or UNKNOWN_TYPE
+            result.append(
+                reading
+                if reading.device_type == registered
+                else replace(reading, device_type=registered)
+            )
+        return result
 
 
 class Collector:
@@ -87,6 +154,7 @@ class Collector:
         timeseries: TimeSeriesStore,
         archive: ArchiveStore,
         stats: IngestStats,
+        spool: Spool,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -94,69 +162,74 @@ class Collector:
         self.timeseries = timeseries
         self.archive = archive
         self.stats = stats
+        self.spool = spool
         self.limits = DecodeLimits.from_settings(settings)
+        self.directory = DeviceDirectory(database, settings.auto_register)
         self.connected = False
         self.last_error: str | None = None
-        self._pending = Batch()
-        self._has_data = asyncio.Event()
-        self._batch_full = asyncio.Event()
-        self._in_flight: Batch | None = None
-        self._space = asyncio.Event()
-        self._space.set()
-        self._max_pending = settings.batch_max_messages * 10
+        self.spool_full_since: float | None = None
+        self._paho: Any = None
+        self._generation = 0
+        self._unacked: list[tuple[int, int]] = []
+        self._work = asyncio.Event()
+        self._committed = asyncio.Event()
+        self.sink_errors: dict[str, str | None] = dict.fromkeys(SINKS)
+
+    # --- observing -----------------------------------------------------------------------------
 
     async def health(self) -> str:
-        """For `/ready`: up while subscribed to the broker."""
+        """For `/ready`: up while subscribed and the spool has room."""
         if not self.connected:
             raise BackendUnavailable(
                 f"not connected to the {self.broker.describe()}: {self.last_error or 'connecting'}"
             )
+        if self.spool_full_since is not None:
+            raise BackendUnavailable(
+                f"spool full for {time.monotonic() - self.spool_full_since:.0f} s "
+                f"({self.spool.disk_bytes} bytes, {env_name('spool_max_bytes')}): not acking, "
+                "the broker holds the backlog until the sinks catch up"
+            )
         return f"subscribed to {TOPIC_FILTER} on the {self.broker.describe()}"
 
-    async def run(self) -> None:
-        flusher = asyncio.create_task(self._flush_loop(), name="collector-flush")
-        try:
-            await self._receive_loop()
-        finally:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
-            # What was received (and acknowledged to the broker) must not be dropped on the
-            # way out: write it, within a bound so shutdown cannot hang forever.
-            # A batch the flusher was writing is written again: writes are keyed, so harmless.
-            batch = self._pending
-            if self._in_flight is not None:
-                batch = Batch(
-                    self._in_flight.readings + batch.readings,
-                    self._in_flight.rejections + batch.rejections,
-                )
-            self._pending, self._in_flight = Batch(), None
-            if len(batch):
-                try:
-                    await asyncio.wait_for(
-                        asyncio.shield(self._write(batch)), FINAL_FLUSH_TIMEOUT_S
-                    )
-                except (TimeoutError, asyncio.CancelledError):
-                    logger.error(
-                        "shutdown: %d received reading sets could not be stored in time",
-                        len(batch.readings),
-                    )
+    async def spool_health(self) -> str:
+        """For `/ready`: the spool and the sinks draining it."""
+        failing = {name: error for name, error in self.sink_errors.items() if error}
+        lag = self.spool.lag()
+        detail = f"depth {self.spool.depth()}, lag {lag}"
+        if failing:
+            raise BackendUnavailable(f"sink(s) failing, retrying: {failing}; {detail}")
+        return detail
 
-    # --- receiving -------------------------------------------------------------------------
+    # --- running -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._receive_loop(), name="collector-receive")
+            group.create_task(self._commit_loop(), name="collector-commit")
+            group.create_task(self._drain("registry", self._store_registry))
+            group.create_task(self._drain("timeseries", self._store_timeseries))
+            group.create_task(self._drain("archive", self._store_archive))
 
     async def _receive_loop(self) -> None:
         backoff = Backoff(f"MQTT connection to the {self.broker.describe()}")
         while True:
+            client = aiomqtt.Client(
+                self.broker.host,
+                self.broker.port,
+                username=self.broker.username,
+                password=self.broker.password,
+                identifier=self.settings.mqtt_client_id,
+                clean_session=False,
+                keepalive=30,
+                timeout=10,
+                tls_context=ssl.create_default_context() if self.broker.tls else None,
+            )
+            # Before connecting: a persistent session gets its queued messages right away.
+            paho = _enable_manual_ack(client)
             try:
-                async with aiomqtt.Client(
-                    self.broker.host,
-                    self.broker.port,
-                    username=self.broker.username,
-                    password=self.broker.password,
-                    identifier=self.settings.mqtt_client_id,
-                    clean_session=False,
-                    keepalive=30,
-                    timeout=10,
-                ) as client:
+                async with client:
+                    self._generation += 1
+                    self._paho = paho
                     await client.subscribe(TOPIC_FILTER, qos=1)
                     self.connected = True
                     self.last_error = None
@@ -166,67 +239,120 @@ class Collector:
                         await self._accept(message)
             except aiomqtt.MqttError as exc:
                 self.connected = False
+                self._paho = None
                 self.last_error = str(exc)
                 await asyncio.sleep(backoff.failed(exc))
 
     async def _accept(self, message: aiomqtt.Message) -> None:
-        if len(self._pending) >= self._max_pending:
-            self._space.clear()
-            await self._space.wait()
+        while self.spool.full:
+            if self.spool_full_since is None:
+                self.spool_full_since = time.monotonic()
+                logger.error(
+                    "spool full (%d bytes, %s): not acking; the broker keeps the backlog",
+                    self.spool.disk_bytes,
+                    env_name("spool_max_bytes"),
+                )
+            await asyncio.sleep(0.2)
+        if self.spool_full_since is not None:
+            logger.warning(
+                "spool has room again after %.0f s; acking resumes",
+                time.monotonic() - self.spool_full_since,
+            )
+            self.spool_full_since = None
+        # Back-pressure on a broker that sends without limit: wait for the next commit.
+        while len(self._unacked) >= self.settings.mqtt_max_inflight:
+            self._committed.clear()
+            self._work.set()
+            await self._committed.wait()
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode()
-        self.stats.message_received()
-        decoded = decode_message(
-            bytes(payload), message.topic.value, time.time_ns() // 1000, self.limits
-        )
-        self._pending.readings.extend(decoded.readings)
-        self._pending.rejections.extend(decoded.rejections)
-        self.stats.readings_received += len(decoded.readings)
-        if len(self._pending):
-            self._has_data.set()
-            if len(self._pending) >= self.settings.batch_max_messages:
-                self._batch_full.set()
+        topic = message.topic.value
+        self.spool.append(topic, bytes(payload), time.time_ns() // 1000)
+        if message.qos > 0:
+            self._unacked.append((self._generation, message.mid))
+        self.stats.message_received(device_id_from_topic(topic))
+        self._work.set()
 
-    # --- flushing --------------------------------------------------------------------------
-
-    async def _flush_loop(self) -> None:
+    async def _commit_loop(self) -> None:
+        """Group commit: fsync what arrived, then ack it (on the connection it came on)."""
+        interval = self.settings.spool_commit_interval_s
         while True:
-            await self._has_data.wait()
-            if len(self._pending) < self.settings.batch_max_messages:
-                # Give a partly filled batch the configured delay to fill up.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._batch_full.wait(), self.settings.batch_max_delay_s)
-            batch, self._pending = self._pending, Batch()
-            self._has_data.clear()
-            self._batch_full.clear()
-            self._space.set()
-            self._in_flight = batch
-            await self._write(batch)
-            self._in_flight = None
+            await self._work.wait()
+            await asyncio.sleep(interval)
+            self._work.clear()
+            acks, self._unacked = self._unacked, []
+            await self.spool.commit()
+            paho = self._paho
+            for generation, mid in acks:
+                # A message from an earlier connection is redelivered by the broker instead.
+                if paho is not None and generation == self._generation:
+                    paho.ack(mid, 1)
+            self._committed.set()
 
-    async def _write(self, batch: Batch) -> None:
-        readings = await self._retry("registry database", self._register, batch)
-        if readings:
-            await asyncio.gather(
-                self._retry_store("time-series store", self.timeseries.write, readings),
-                self._retry_store("archive", self.archive.put, readings),
+    # --- draining ------------------------------------------------------------------------------
+
+    def _decoded(self, chunk: Chunk) -> Decoded:
+        cached = chunk.cache.get("decoded")
+        if isinstance(cached, Decoded):
+            return cached
+        readings: list[ReadingSet] = []
+        rejections: list[Rejection] = []
+        for record in chunk.records:
+            result = decode_message(
+                record.payload, record.topic, record.received_at_us, self.limits
             )
-            self.stats.count_stored(Counter(reading.device_id for reading in readings))
+            readings.extend(result.readings)
+            rejections.extend(result.rejections)
+        decoded = Decoded(readings, rejections)
+        chunk.cache["decoded"] = decoded
+        return decoded
 
-    async def _register(self, batch: Batch) -> list[ReadingSet]:
+    async def _drain(self, sink: str, store: Callable[[list[Decoded]], Awaitable[None]]) -> None:
+        position = self.spool.confirmed[sink]
+        backoff = Backoff(f"{sink} sink")
+        batch_max = self.settings.batch_max_messages
+        while True:
+            await self.spool.wait_beyond(position, within=1.0)
+            if self.spool.committed_seq <= position:
+                continue
+            if self.spool.committed_seq - position < batch_max:
+                # Let a small batch fill up a little; a backlog is drained at once.
+                await asyncio.sleep(self.settings.batch_max_delay_s)
+            chunks = await self.spool.read(position, batch_max)
+            if not chunks:
+                continue
+            decoded = [self._decoded(chunk) for chunk in chunks]
+            while True:
+                try:
+                    await store(decoded)
+                except BackendUnavailable as exc:
+                    self.sink_errors[sink] = backoff.last_error = str(exc)
+                    await asyncio.sleep(backoff.failed(exc, getattr(exc, "retry_after", None)))
+                    continue
+                except Exception as exc:
+                    logger.exception("%s sink failed unexpectedly; retrying", sink)
+                    self.sink_errors[sink] = f"{type(exc).__name__}: {exc}"
+                    await asyncio.sleep(backoff.failed(exc))
+                    continue
+                break
+            backoff.succeeded()
+            self.sink_errors[sink] = None
+            position = chunks[-1].last_seq
+            await self.spool.confirm(sink, position)
+
+    async def _store_registry(self, batch: list[Decoded]) -> None:
         """Register new devices (or refuse them), keep dead letters, move last_seen_at."""
-        readings = batch.readings
-        rejections = list(batch.rejections)
+        readings = [reading for decoded in batch for reading in decoded.readings]
+        rejections = [rejection for decoded in batch for rejection in decoded.rejections]
+        types: dict[str, str] = {}
+        seen: dict[str, int] = {}
+        for reading in readings:
+            types.setdefault(reading.device_id, reading.device_type or UNKNOWN_TYPE)
+            if reading.received_at_us > seen.get(reading.device_id, 0):
+                seen[reading.device_id] = reading.received_at_us
         async with self.database.transaction() as session:
             devices = DeviceRepository(session)
-            types: dict[str, str] = {}
-            seen: dict[str, int] = {}
-            for reading in readings:
-                types.setdefault(reading.device_id, reading.device_type or UNKNOWN_TYPE)
-                seen[reading.device_id] = max(
-                    seen.get(reading.device_id, 0), reading.received_at_us
-                )
             registered = await devices.types_of(types)
             unknown = {
                 device_id: kind for device_id, kind in types.items() if device_id not in registered
@@ -235,83 +361,64 @@ class Collector:
                 await devices.register_missing(unknown)
                 registered.update(unknown)
                 logger.info(
-                    "registered %d new device(s): %s",
-                    len(unknown),
-                    ", ".join(sorted(unknown)[:10]),
+                    "registered %d new device(s): %s", len(unknown), ", ".join(sorted(unknown)[:5])
                 )
             elif unknown:
-                refused = [reading for reading in readings if reading.device_id in unknown]
-                readings = [reading for reading in readings if reading.device_id not in unknown]
                 rejections.extend(
                     Rejection(
                         reason=RejectReason.UNKNOWN_DEVICE,
                         detail=f"device {reading.device_id!r} is not registered and "
-                        "auto-registration is off; register it with POST /api/v1/devices",
+                        f"{env_name('auto_register')} is off; register it with "
+                        "POST /api/v1/devices",
                         topic=reading.topic,
                         payload=reading.raw,
                         device_id=reading.device_id,
                         batch_index=reading.batch_index,
                     )
-                    for reading in refused
+                    for reading in readings
+                    if reading.device_id in unknown
                 )
                 for device_id in unknown:
                     seen.pop(device_id, None)
-            # The stores see the registry's type, so a message without (or with another) `type`
-            # cannot split a device's series in InfluxDB, where the type is a tag.
-            readings = [
-                reading
-                if reading.device_type == registered[reading.device_id]
-                else replace(reading, device_type=registered[reading.device_id])
-                for reading in readings
-            ]
             await DeadLetterRepository(session).add_many(rejections)
             await devices.touch_last_seen(
                 {device_id: _from_epoch_us(epoch_us) for device_id, epoch_us in seen.items()}
             )
+        self.directory.types.update(registered)
         for rejection in rejections:
             self.stats.count_rejection(rejection.reason.value, rejection.device_id)
-        return readings
 
-    async def _retry(
-        self, what: str, action: Callable[[Batch], Awaitable[list[ReadingSet]]], batch: Batch
-    ) -> list[ReadingSet]:
-        backoff = Backoff(what)
-        while True:
-            try:
-                result = await action(batch)
-            except Exception as exc:  # every failure is retried: nothing received is dropped
-                await asyncio.sleep(backoff.failed(exc))
-                continue
-            backoff.succeeded()
-            return result
-
-    async def _retry_store(
-        self,
-        what: str,
-        write: Callable[[Sequence[ReadingSet]], Awaitable[None]],
-        readings: Sequence[ReadingSet],
-    ) -> None:
-        backoff = Backoff(what)
-        while True:
-            try:
-                await write(readings)
-            except BackendUnavailable as exc:
-                await asyncio.sleep(backoff.failed(exc, getattr(exc, "retry_after", None)))
-                continue
-            except Exception as exc:
-                refused = getattr(exc, "rejected", None)
-                if refused is None:
-                    logger.exception("%s write failed unexpectedly; retrying", what)
-                    await asyncio.sleep(backoff.failed(exc))
-                    continue
-                await self._dead_letter_refused(what, refused)
-            backoff.succeeded()
+    async def _store_timeseries(self, batch: list[Decoded]) -> None:
+        readings = await self._resolved(batch)
+        if not readings:
             return
+        try:
+            await self.timeseries.write(readings)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            refused = getattr(exc, "rejected", None)
+            if refused is None:
+                raise
+            # A record the store refuses for good is dead-lettered, not retried forever.
+            await self._dead_letter_refused("time-series store", refused)
+            refused_ids = {id(reading) for reading, _message in refused}
+            readings = [reading for reading in readings if id(reading) not in refused_ids]
+        self.stats.count_stored("timeseries", Counter(r.device_id for r in readings))
+
+    async def _store_archive(self, batch: list[Decoded]) -> None:
+        readings = await self._resolved(batch)
+        if readings:
+            await self.archive.put(readings)
+        self.stats.count_stored("archive", Counter(r.device_id for r in readings))
+
+    async def _resolved(self, batch: list[Decoded]) -> list[ReadingSet]:
+        readings = [reading for decoded in batch for reading in decoded.readings]
+        return await self.directory.resolve(readings)
 
     async def _dead_letter_refused(
         self, what: str, refused: Sequence[tuple[ReadingSet, str]]
     ) -> None:
-        """Records a store refuses for good go to the dead-letter store, not back in the loop."""
         rejections = [
             Rejection(
                 reason=RejectReason.REFUSED_BY_STORE,
@@ -323,16 +430,10 @@ class Collector:
             )
             for reading, message in refused
         ]
-
-        async def save(_batch: Batch) -> list[ReadingSet]:
+        try:
             async with self.database.transaction() as session:
                 await DeadLetterRepository(session).add_many(rejections)
-            return []
-
-        await self._retry("registry database", save, Batch())
+        except Exception as exc:
+            raise BackendUnavailable(f"dead-letter store unavailable: {exc}") from exc
         for rejection in rejections:
             self.stats.count_rejection(rejection.reason.value, rejection.device_id)
-
-
-def _from_epoch_us(epoch_us: int) -> datetime:
-    return datetime.fromtimestamp(epoch_us / 1_000_000, UTC)

@@ -10,42 +10,60 @@ from datetime import datetime
 from iotmeter.db.base import utcnow
 
 RATE_WINDOW_S = 60
+STORE_SINKS = ("timeseries", "archive")
 
 
 @dataclass
 class IngestStats:
+    """Messages are MQTT messages; reading sets are what they hold (a batch holds several).
+
+    A reading set counts as stored once both the time-series store and the archive have it.
+    """
+
     started_at: datetime = field(default_factory=utcnow)
     messages_received: int = 0
-    readings_received: int = 0
-    readings_stored: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     received_by_device: Counter[str] = field(default_factory=Counter)
-    stored_by_device: Counter[str] = field(default_factory=Counter)
     rejected_by_device: Counter[str] = field(default_factory=Counter)
+    stored_by_sink: dict[str, Counter[str]] = field(
+        default_factory=lambda: {sink: Counter() for sink in STORE_SINKS}
+    )
     last_message_at: datetime | None = None
-    # Stored reading sets per whole second (monotonic clock), for the ingest rate.
+    # Reading sets stored per whole second (monotonic clock), for the ingest rate.
     _per_second: deque[list[int]] = field(default_factory=deque, repr=False)
 
-    def message_received(self) -> None:
+    def message_received(self, device_id: str | None) -> None:
         self.messages_received += 1
         self.last_message_at = utcnow()
+        if device_id is not None:
+            self.received_by_device[device_id] += 1
 
     def count_rejection(self, reason: str, device_id: str | None) -> None:
         self.rejected[reason] += 1
         if device_id is not None:
             self.rejected_by_device[device_id] += 1
 
-    def count_stored(self, by_device: Counter[str]) -> None:
-        total = by_device.total()
-        self.readings_stored += total
-        self.stored_by_device.update(by_device)
+    def count_stored(self, sink: str, by_device: Counter[str]) -> None:
+        before = self.readings_stored
+        self.stored_by_sink[sink].update(by_device)
+        newly = self.readings_stored - before
+        if newly <= 0:
+            return
         now = int(time.monotonic())
         if self._per_second and self._per_second[-1][0] == now:
-            self._per_second[-1][1] += total
+            self._per_second[-1][1] += newly
         else:
-            self._per_second.append([now, total])
+            self._per_second.append([now, newly])
         while self._per_second and self._per_second[0][0] <= now - RATE_WINDOW_S:
             self._per_second.popleft()
+
+    @property
+    def readings_stored(self) -> int:
+        """Reading sets in both stores (the slower store's count)."""
+        return min(counter.total() for counter in self.stored_by_sink.values())
+
+    def stored_by_device(self, device_id: str) -> int:
+        return min(counter[device_id] for counter in self.stored_by_sink.values())
 
     def rate_per_second(self) -> float:
         """Reading sets stored per second over the last minute."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Annotated
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
 
 from iotmeter.api.deps import SessionDep, StateDep
 from iotmeter.db.base import utcnow
 from iotmeter.repositories.alerts import AlertRepository
 from iotmeter.repositories.devices import DeviceRepository
+from iotmeter.state import AppState
 
 router = APIRouter(tags=["stats"])
 
@@ -24,7 +26,6 @@ class DeviceStats(BaseModel):
 
 class MessageStats(BaseModel):
     received: int
-    readings_received: int
     stored: int
     rejected: int
     rejected_by_reason: dict[str, int]
@@ -32,12 +33,84 @@ class MessageStats(BaseModel):
     last_message_at: datetime | None
 
 
+class SpoolStats(BaseModel):
+    depth: int = Field(description="Messages durable in the spool, not yet in every sink.")
+    disk_bytes: int
+    max_bytes: int
+    full: bool = Field(description="True while iotmeter stops acking because the spool is full.")
+    oldest_unconfirmed_age_s: float | None
+    lag_by_sink: dict[str, int]
+    failing_sinks: dict[str, str]
+
+
 class Stats(BaseModel):
     started_at: datetime
     devices: DeviceStats
     messages: MessageStats
+    spool: SpoolStats | None
     active_alerts_by_severity: dict[str, int]
     backends: dict[str, str]
+
+
+def _spool_stats(state: AppState) -> SpoolStats | None:
+    collector = state.collector
+    if collector is None:
+        return None
+    spool = collector.spool
+    return SpoolStats(
+        depth=spool.depth(),
+        disk_bytes=spool.disk_bytes,
+        max_bytes=spool.max_bytes,
+        full=collector.spool_full_since is not None,
+        oldest_unconfirmed_age_s=spool.oldest_unconfirmed_age_s(),
+        lag_by_sink=spool.lag(),
+        failing_sinks={name: error for name, error in collector.sink_errors.items() if error},
+    )
+
+
+class DeviceCounts(BaseModel):
+    received: int = Field(description="MQTT messages on the device's topic since start.")
+    stored: int = Field(description="Reading sets in both the time-series store and archive.")
+    rejected: int
+
+
+class DeviceCountsPage(BaseModel):
+    devices: dict[str, DeviceCounts]
+    total: int
+    limit: int
+    offset: int
+
+
+@router.get("/stats/devices", summary="Per-device counts since start")
+async def device_stats(
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    device_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> DeviceCountsPage:
+    """Messages received vs reading sets stored, per device, ordered by device id."""
+    counters = state.stats
+    names = sorted(
+        set(counters.received_by_device)
+        | set(counters.rejected_by_device)
+        | {name for counter in counters.stored_by_sink.values() for name in counter}
+    )
+    if device_id is not None:
+        names = [name for name in names if name == device_id]
+    page = names[offset : offset + limit]
+    return DeviceCountsPage(
+        devices={
+            name: DeviceCounts(
+                received=counters.received_by_device[name],
+                stored=counters.stored_by_device(name),
+                rejected=counters.rejected_by_device[name],
+            )
+            for name in page
+        },
+        total=len(names),
+        limit=limit,
+        offset=offset,
+    )
 
 
 @router.get("/stats", summary="System statistics")
@@ -56,13 +129,13 @@ async def stats(state: StateDep, session: SessionDep) -> Stats:
         ),
         messages=MessageStats(
             received=counters.messages_received,
-            readings_received=counters.readings_received,
             stored=counters.readings_stored,
             rejected=counters.rejected.total(),
             rejected_by_reason=dict(counters.rejected),
             ingest_rate_per_s=round(counters.rate_per_second(), 3),
             last_message_at=counters.last_message_at,
         ),
+        spool=_spool_stats(state),
         active_alerts_by_severity=await AlertRepository(session).count_active_by_severity(),
         backends={
             "database": state.database.dialect,
