@@ -1,4 +1,4 @@
-"""Command line: `iotmeter serve | migrate | simulate | settings`."""
+"""Command line: `iotmeter serve | migrate | simulate | replay | settings`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,48 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from iotmeter.api.timerange import parse_instant_us
+    from iotmeter.db.engine import Database, build_engine
+    from iotmeter.ingest.decode import DecodeLimits
+    from iotmeter.services.replay import replay_device
+    from iotmeter.storage.factory import open_archive, open_timeseries
+
+    now_us = time.time_ns() // 1000
+    start_us = parse_instant_us(args.start, "--start", now_us)
+    stop_us = parse_instant_us(args.stop, "--stop", now_us)
+
+    async def run() -> None:
+        database = Database(build_engine(settings.database_url))
+        try:
+            async with (
+                open_timeseries(settings, database) as timeseries,
+                open_archive(settings) as archive,
+            ):
+                for device_id in args.device:
+                    result = await replay_device(
+                        database,
+                        archive,
+                        timeseries,
+                        device_id,
+                        start_us,
+                        stop_us,
+                        DecodeLimits.from_settings(settings),
+                    )
+                    print(
+                        f"{device_id}: {result.messages} archived messages, "
+                        f"{result.readings} reading sets written, {result.refused} refused"
+                    )
+        finally:
+            await database.close()
+
+    asyncio.run(run())
+    return 0
+
+
 def _format_default(value: object) -> str:
     if value is None or value == []:
         return ""
@@ -116,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--broker", help="mqtt://host:port (default: the app's broker)")
     simulate.set_defaults(handler=_simulate)
+    replay = commands.add_parser(
+        "replay", help="re-ingest archived raw messages into the time-series store"
+    )
+    replay.add_argument("device", nargs="+", help="device id(s)")
+    replay.add_argument("--start", required=True, help="RFC 3339 or relative like -7d")
+    replay.add_argument("--stop", default="now", help="RFC 3339, relative or now (default)")
+    replay.set_defaults(handler=_replay)
     table = commands.add_parser("settings", help="print the settings as a Markdown table")
     table.set_defaults(handler=_settings_table, needs_settings=False)
     return parser

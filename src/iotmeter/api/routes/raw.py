@@ -9,13 +9,15 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from iotmeter.api.deps import SessionDep, StateDep
 from iotmeter.api.schemas import ErrorResponse
 from iotmeter.api.timerange import format_time, parse_instant_us
 from iotmeter.errors import NotFound, ValidationFailed
+from iotmeter.ingest.decode import DecodeLimits
 from iotmeter.services.devices import get_device
+from iotmeter.services.replay import replay_device
 from iotmeter.storage.archive.document import parse_key
 
 router = APIRouter(tags=["raw data"])
@@ -66,6 +68,53 @@ async def device_raw(
             for message in messages
         ],
         next_cursor=page.next_cursor,
+    )
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: str = Field(description="RFC 3339, `now` or relative like -7d.")
+    stop: str = Field("now", description="RFC 3339, `now` or relative.")
+
+
+class ReplayResponse(BaseModel):
+    messages: int = Field(description="Archived messages read.")
+    readings: int = Field(description="Reading sets written to the time-series store.")
+    refused: int = Field(description="Readings the decoder refuses today (not written).")
+
+
+@router.post(
+    "/devices/{device_id}/replay",
+    responses=ERRORS,
+    summary="Re-ingest archived messages into the time-series store",
+)
+async def replay(
+    device_id: Annotated[str, Path(max_length=64)],
+    body: ReplayRequest,
+    state: StateDep,
+    session: SessionDep,
+) -> ReplayResponse:
+    """Reads the device's archived raw messages in [start, stop) and writes their readings to
+    the time-series store again: a backfill after a lost range, a schema change or a move to
+    InfluxDB. Idempotent: writes are keyed by device, field and time."""
+    await get_device(session, device_id)
+    now_us = time.time_ns() // 1000
+    start_us = parse_instant_us(body.start, "start", now_us)
+    stop_us = parse_instant_us(body.stop, "stop", now_us)
+    if start_us >= stop_us:
+        raise ValidationFailed("start must be before stop")
+    result = await replay_device(
+        state.database,
+        state.archive,
+        state.timeseries,
+        device_id,
+        start_us,
+        stop_us,
+        DecodeLimits.from_settings(state.settings),
+    )
+    return ReplayResponse(
+        messages=result.messages, readings=result.readings, refused=result.refused
     )
 
 
