@@ -1,0 +1,130 @@
+"""Per-sink failure handling through the whole app: InfluxDB (the fake HTTP server, since no
+InfluxDB 2.x runs here) answering 503/429 with Retry-After, refusing a record for good, or
+stalling — while the archive keeps progressing."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+
+import orjson
+
+from iotmeter.config import Settings
+from tests.conftest import make_settings
+from tests.e2e.conftest import start_app
+from tests.e2e.test_ingest_e2e import publish
+from tests.fixtures.fake_influx import FakeInflux
+from tests.fixtures.services import Mosquitto
+from tests.fixtures.waiting import eventually
+
+
+def readings(device: str, count: int, field: str = "t") -> list[tuple[str, bytes]]:
+    return [
+        (f"iot/{device}/telemetry", orjson.dumps({"seq": i, "metrics": {field: float(i)}}))
+        for i in range(count)
+    ]
+
+
+def influx_settings(
+    pg_url: str, tmp_path: Path, mosquitto: Mosquitto, influx: FakeInflux
+) -> Settings:
+    return make_settings(
+        pg_url,
+        tmp_path,
+        mqtt_url=mosquitto.url,
+        mqtt_client_id=f"iotmeter-{tmp_path.name}"[:64],
+        collector_enabled=True,
+        batch_max_delay_s=0.05,
+        influx_url=influx.url,
+        influx_token=influx.token,
+    )
+
+
+async def test_retry_after_is_honoured_and_nothing_is_lost(
+    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    async with FakeInflux() as influx:
+        async with start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
+            influx.fail_next("write", 503, times=2, retry_after="1")
+            influx.fail_next("write", 429, times=1, retry_after="2")
+            publish(mosquitto.port, readings("rate-1", 20))
+            await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: r.json()["messages"]["stored"] == 20,
+                within=30,
+                what="all 20 stored despite 503/429",
+            )
+        refused = [w for w in influx.writes if w.status in (429, 503)]
+        assert [w.status for w in refused] == [503, 503, 429]
+        accepted = next(w for w in influx.writes if w.status == 204)
+        # The collector waited as told: >= 1 s after each 503, >= 2 s after the 429.
+        gaps = [later.at - earlier.at for earlier, later in pairwise([*refused, accepted])]
+        assert gaps[0] >= 0.95
+        assert gaps[1] >= 0.95
+        assert gaps[2] >= 1.95
+        assert influx.point_count() == 20
+
+
+async def test_a_record_refused_for_good_is_dead_lettered_and_the_rest_stored(
+    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    async with FakeInflux() as influx:
+        async with start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
+            publish(mosquitto.port, [("iot/conflict-1/telemetry", b'{"seq": 0, "t": 1.5}')])
+            await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: r.json()["messages"]["stored"] == 1,
+                what="the first reading",
+            )
+            # `t` was a float; a boolean now is a field type conflict InfluxDB refuses (422).
+            publish(
+                mosquitto.port,
+                [
+                    ("iot/conflict-1/telemetry", b'{"seq": 1, "t": true}'),
+                    ("iot/conflict-1/telemetry", b'{"seq": 2, "t": 2.5}'),
+                ],
+            )
+            letters = await eventually(
+                lambda: api.get("/api/v1/dead-letters", params={"reason": "refused_by_store"}),
+                lambda r: r.json()["total"] == 1,
+                what="the refused record in the dead-letter store",
+            )
+            letter = letters.json()["items"][0]
+            assert letter["payload"] == '{"seq": 1, "t": true}'
+            assert "time-series store refused it" in letter["detail"]
+            latest = await eventually(
+                lambda: api.get("/api/v1/devices/conflict-1/latest"),
+                lambda r: r.json()["fields"].get("t", {}).get("value") == 2.5,
+                what="the good reading after the refused one",
+            )
+            assert latest.status_code == 200
+
+
+async def test_a_stalled_time_series_store_does_not_stop_the_archive(
+    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    async with FakeInflux() as influx:
+        influx.fail_next("write", 503, times=1000, retry_after="1")
+        async with start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
+            publish(mosquitto.port, readings("stall-1", 10))
+            raw = await eventually(
+                lambda: api.get("/api/v1/devices/stall-1/raw"),
+                lambda r: r.status_code == 200 and len(r.json()["items"]) == 10,
+                what="the archive to progress while InfluxDB refuses",
+            )
+            assert raw.status_code == 200
+            stats = (await api.get("/api/v1/stats")).json()
+            assert stats["messages"]["stored"] == 0  # not in both stores yet
+            assert stats["spool"]["lag_by_sink"]["archive"] == 0
+            assert stats["spool"]["lag_by_sink"]["timeseries"] == 10
+            assert "timeseries" in stats["spool"]["failing_sinks"]
+            ready = await api.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["backends"]["spool"]["status"] == "down"
+            influx.injected["write"].clear()
+            await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: r.json()["messages"]["stored"] == 10,
+                within=30,
+                what="the time series to catch up",
+            )
