@@ -121,9 +121,10 @@ async def test_replay_restores_a_deleted_range_exactly(
             monkeypatch.setenv(name, value)
         import asyncio
 
-        assert await asyncio.to_thread(
-            main, ["replay", DEVICE, "--start", "2026-11-18T00:00:00Z"]
-        ) == 0
+        assert (
+            await asyncio.to_thread(main, ["replay", DEVICE, "--start", "2026-11-18T00:00:00Z"])
+            == 0
+        )
         assert "62 archived messages, 62 reading sets written" in capsys.readouterr().out
         assert await series(api) == before
 

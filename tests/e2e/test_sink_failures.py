@@ -68,36 +68,36 @@ async def test_retry_after_is_honoured_and_nothing_is_lost(
 async def test_a_record_refused_for_good_is_dead_lettered_and_the_rest_stored(
     pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    async with FakeInflux() as influx:
-        async with start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
-            publish(mosquitto.port, [("iot/conflict-1/telemetry", b'{"seq": 0, "t": 1.5}')])
-            await eventually(
-                lambda: api.get("/api/v1/stats"),
-                lambda r: r.json()["messages"]["stored"] == 1,
-                what="the first reading",
-            )
-            # `t` was a float; a boolean now is a field type conflict InfluxDB refuses (422).
-            publish(
-                mosquitto.port,
-                [
-                    ("iot/conflict-1/telemetry", b'{"seq": 1, "t": true}'),
-                    ("iot/conflict-1/telemetry", b'{"seq": 2, "t": 2.5}'),
-                ],
-            )
-            letters = await eventually(
-                lambda: api.get("/api/v1/dead-letters", params={"reason": "refused_by_store"}),
-                lambda r: r.json()["total"] == 1,
-                what="the refused record in the dead-letter store",
-            )
-            letter = letters.json()["items"][0]
-            assert letter["payload"] == '{"seq": 1, "t": true}'
-            assert "time-series store refused it" in letter["detail"]
-            latest = await eventually(
-                lambda: api.get("/api/v1/devices/conflict-1/latest"),
-                lambda r: r.json()["fields"].get("t", {}).get("value") == 2.5,
-                what="the good reading after the refused one",
-            )
-            assert latest.status_code == 200
+    influx = FakeInflux()
+    async with influx, start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
+        publish(mosquitto.port, [("iot/conflict-1/telemetry", b'{"seq": 0, "t": 1.5}')])
+        await eventually(
+            lambda: api.get("/api/v1/stats"),
+            lambda r: r.json()["messages"]["stored"] == 1,
+            what="the first reading",
+        )
+        # `t` was a float; a boolean now is a field type conflict InfluxDB refuses (422).
+        publish(
+            mosquitto.port,
+            [
+                ("iot/conflict-1/telemetry", b'{"seq": 1, "t": true}'),
+                ("iot/conflict-1/telemetry", b'{"seq": 2, "t": 2.5}'),
+            ],
+        )
+        letters = await eventually(
+            lambda: api.get("/api/v1/dead-letters", params={"reason": "refused_by_store"}),
+            lambda r: r.json()["total"] == 1,
+            what="the refused record in the dead-letter store",
+        )
+        letter = letters.json()["items"][0]
+        assert letter["payload"] == '{"seq": 1, "t": true}'
+        assert "time-series store refused it" in letter["detail"]
+        latest = await eventually(
+            lambda: api.get("/api/v1/devices/conflict-1/latest"),
+            lambda r: r.json()["fields"].get("t", {}).get("value") == 2.5,
+            what="the good reading after the refused one",
+        )
+        assert latest.status_code == 200
 
 
 async def test_a_stalled_time_series_store_does_not_stop_the_archive(

@@ -80,7 +80,7 @@ async def test_each_sink_resumes_from_its_own_confirmed_position(tmp_path: Path)
     assert reopened.confirmed == {"registry": 99, "timeseries": 59, "archive": 9}
     assert reopened.lag() == {"registry": 0, "timeseries": 40, "archive": 90}
     assert reopened.depth() == 90
-    assert [r.seq for r in await read_all(reopened, reopened.confirmed["archive"])][0] == 10
+    assert next(r.seq for r in await read_all(reopened, reopened.confirmed["archive"])) == 10
     # New records continue the sequence after a restart.
     await fill(reopened, 1)
     assert reopened.committed_seq == 100
