@@ -86,7 +86,7 @@ async def main(count: int, batch: int) -> None:
 
     # The disk's own file-creation rate bounds the local store; tmpfs shows the store's overhead.
     places = [("disk", None)]
-    if os.path.isdir("/dev/shm"):  # noqa: ASYNC240 (nothing runs concurrently yet)
+    if os.path.isdir("/dev/shm"):
         places.append(("tmpfs", "/dev/shm"))
     for place, parent in places:
         with tempfile.TemporaryDirectory(prefix="iotmeter-bench-", dir=parent) as folder:
