@@ -30,6 +30,7 @@ def normalize_database_url(url: str) -> str:
 ENV_PREFIX = "IOTMETER_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+ArchiveLayout = Literal["per-message", "segment"]
 SimulatorKind = Literal["temperature", "humidity", "power_meter"]
 SIMULATOR_KINDS: tuple[SimulatorKind, ...] = ("temperature", "humidity", "power_meter")
 
@@ -94,6 +95,30 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = Field(None, description="S3 secret access key.")
     s3_region: str = Field("us-east-1", min_length=1, description="S3 region.")
     s3_bucket: str = Field("iot-data", description="S3 bucket of the raw archive.")
+    archive_layout: ArchiveLayout = Field(
+        "per-message",
+        description="`per-message`: one object per reading set, `{device}/{time}_{id}.json`; "
+        "`segment`: newline-delimited JSON per device, `{device}/{first}_{last}_{hash}.ndjson`.",
+    )
+    archive_segment_max_age_s: float = Field(
+        10.0, gt=0, le=3600, description="Segment layout: write segments at least this often."
+    )
+    archive_segment_max_bytes: int = Field(
+        8 << 20, ge=1 << 12, description="Segment layout: largest segment of one device."
+    )
+    archive_segment_buffer_bytes: int = Field(
+        64 << 20,
+        ge=1 << 20,
+        description="Segment layout: write every open segment once they hold this much.",
+    )
+    archive_segment_gzip: bool = Field(
+        False, description="Segment layout: gzip segments (`.ndjson.gz`)."
+    )
+    archive_segment_lookback_s: float = Field(
+        86400.0,
+        gt=0,
+        description="Segment layout: how far before a queried range a segment may start.",
+    )
     archive_dir: Path = Field(
         Path("./data/archive"), description="Folder of the local archive (embedded default)."
     )

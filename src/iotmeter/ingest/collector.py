@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -33,7 +35,7 @@ from iotmeter.ingest.spool import Chunk, Spool
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.repositories.dead_letters import DeadLetterRepository
 from iotmeter.repositories.devices import DeviceRepository
-from iotmeter.storage.archive.base import ArchiveStore
+from iotmeter.storage.archive.segments import LayeredArchive, build_segment, segment_line
 from iotmeter.storage.timeseries.base import TimeSeriesStore
 
 logger = logging.getLogger(__name__)
@@ -152,7 +154,7 @@ class Collector:
         broker: BrokerAddress,
         database: Database,
         timeseries: TimeSeriesStore,
-        archive: ArchiveStore,
+        archive: LayeredArchive,
         stats: IngestStats,
         spool: Spool,
     ) -> None:
@@ -208,7 +210,10 @@ class Collector:
             group.create_task(self._commit_loop(), name="collector-commit")
             group.create_task(self._drain("registry", self._store_registry))
             group.create_task(self._drain("timeseries", self._store_timeseries))
-            group.create_task(self._drain("archive", self._store_archive))
+            if self.settings.archive_layout == "segment":
+                group.create_task(self._drain_segments())
+            else:
+                group.create_task(self._drain("archive", self._store_archive))
 
     async def _receive_loop(self) -> None:
         backoff = Backoff(f"MQTT connection to the {self.broker.describe()}")
@@ -340,6 +345,140 @@ class Collector:
             self.sink_errors[sink] = None
             position = chunks[-1].last_seq
             await self.spool.confirm(sink, position)
+
+    async def _retry_until_done(self, sink: str, action: Callable[[], Awaitable[None]]) -> None:
+        backoff = Backoff(f"{sink} sink")
+        while True:
+            try:
+                await action()
+            except BackendUnavailable as exc:
+                self.sink_errors[sink] = str(exc)
+                await asyncio.sleep(backoff.failed(exc, getattr(exc, "retry_after", None)))
+                continue
+            except Exception as exc:
+                logger.exception("%s sink failed unexpectedly; retrying", sink)
+                self.sink_errors[sink] = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(backoff.failed(exc))
+                continue
+            backoff.succeeded()
+            self.sink_errors[sink] = None
+            return
+
+    # --- the segment archive layout ------------------------------------------------------------
+
+    def _epoch_intent_path(self) -> Path:
+        return self.spool.directory / "archive-epoch"
+
+    async def _drain_segments(self) -> None:
+        """The archive sink of the segment layout.
+
+        Lines collect per device over an epoch (`archive_segment_max_age_s`, or until the open
+        segments hold `archive_segment_buffer_bytes`). Before writing an epoch, its last spool
+        position is recorded; after a crash, exactly the same records are rebuilt into the same
+        segments (same content, same keys) and written again, so nothing is lost or doubled.
+        Only then does the archive confirm its spool position.
+        """
+        position = self.spool.confirmed["archive"]
+        intent = await asyncio.to_thread(self._read_epoch_intent)
+        if intent is not None and intent > position:
+            records: list[Decoded] = []
+            after = position
+            while after < intent:
+                chunks = await self.spool.read(after, self.settings.batch_max_messages)
+                chunks = [chunk for chunk in chunks if chunk.first_seq <= intent]
+                if not chunks:
+                    break
+                for chunk in chunks:
+                    kept = [record for record in chunk.records if record.seq <= intent]
+                    records.append(self._decoded(Chunk(kept)))
+                    after = kept[-1].seq
+            await self._write_epoch(records, intent)
+            position = intent
+        processed = position
+        epoch: list[Decoded] = []
+        epoch_bytes = 0
+        epoch_started = time.monotonic()
+        max_age = self.settings.archive_segment_max_age_s
+        while True:
+            await self.spool.wait_beyond(processed, within=min(1.0, max_age))
+            chunks = await self.spool.read(processed, self.settings.batch_max_messages)
+            for chunk in chunks:
+                if not epoch:
+                    epoch_started = time.monotonic()
+                decoded = self._decoded(chunk)
+                epoch.append(decoded)
+                epoch_bytes += sum(len(reading.raw) for reading in decoded.readings)
+                processed = chunk.last_seq
+            due = time.monotonic() - epoch_started >= max_age
+            if epoch and (due or epoch_bytes >= self.settings.archive_segment_buffer_bytes):
+                await self._write_epoch(epoch, processed)
+                epoch, epoch_bytes = [], 0
+
+    async def _write_epoch(self, epoch: list[Decoded], end: int) -> None:
+        await asyncio.to_thread(self._write_epoch_intent, end)
+        readings: list[ReadingSet] = []
+        for decoded in epoch:
+            readings.extend(decoded.readings)
+
+        async def resolve() -> None:
+            readings[:] = await self.directory.resolve(readings)
+
+        await self._retry_until_done("archive", resolve)
+        by_device: dict[str, list[tuple[int, bytes]]] = {}
+        seen: set[str] = set()
+        for reading in readings:
+            # A message the broker redelivered within the epoch is written once.
+            key = reading.archive_key
+            if key in seen:
+                continue
+            seen.add(key)
+            by_device.setdefault(reading.device_id, []).append(
+                (reading.epoch_us, segment_line(reading))
+            )
+        objects = []
+        limit = self.settings.archive_segment_max_bytes
+        for device_id, lines in by_device.items():
+            part: list[tuple[int, bytes]] = []
+            size = 0
+            for epoch_us, line in lines:
+                if part and size + len(line) > limit:
+                    objects.append(build_segment(device_id, part, compress=self._gzip))
+                    part, size = [], 0
+                part.append((epoch_us, line))
+                size += len(line)
+            objects.append(build_segment(device_id, part, compress=self._gzip))
+
+        async def upload() -> None:
+            await self.archive.put_objects(objects)
+
+        await self._retry_until_done("archive", upload)
+        await self.spool.confirm("archive", end)
+        await asyncio.to_thread(self._write_epoch_intent, None)
+        self.stats.count_stored(
+            "archive", Counter({device: len(lines) for device, lines in by_device.items()})
+        )
+
+    @property
+    def _gzip(self) -> bool:
+        return self.settings.archive_segment_gzip
+
+    def _read_epoch_intent(self) -> int | None:
+        try:
+            return int(self._epoch_intent_path().read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_epoch_intent(self, end: int | None) -> None:
+        path = self._epoch_intent_path()
+        if end is None:
+            path.unlink(missing_ok=True)
+            return
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "w") as handle:
+            handle.write(str(end))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
 
     async def _store_registry(self, batch: list[Decoded]) -> None:
         """Register new devices (or refuse them), keep dead letters, move last_seen_at."""

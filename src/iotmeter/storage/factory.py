@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from iotmeter.config import Settings
 from iotmeter.db.engine import Database
-from iotmeter.storage.archive.base import ArchiveStore
+from iotmeter.storage.archive.segments import LayeredArchive
 from iotmeter.storage.timeseries.base import TimeSeriesStore
 
 
@@ -26,14 +26,16 @@ async def open_timeseries(settings: Settings, database: Database) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def open_archive(settings: Settings) -> AsyncIterator[ArchiveStore]:
-    """S3 when `IOTMETER_S3_ENDPOINT_URL` is set, else the local folder archive."""
+async def open_archive(settings: Settings) -> AsyncIterator[LayeredArchive]:
+    """S3 when `IOTMETER_S3_ENDPOINT_URL` is set, else the local folder archive; read in
+    both layouts (per-message objects and segments) whichever one writes."""
+    lookback_us = int(settings.archive_segment_lookback_s * 1_000_000)
     if settings.s3_endpoint_url:
         from iotmeter.storage.archive.s3 import open_s3_store
 
         async with open_s3_store(settings) as s3:
-            yield s3
+            yield LayeredArchive(s3, lookback_us=lookback_us)
         return
     from iotmeter.storage.archive.local import LocalArchiveStore
 
-    yield LocalArchiveStore(settings.archive_dir)
+    yield LayeredArchive(LocalArchiveStore(settings.archive_dir), lookback_us=lookback_us)

@@ -18,7 +18,7 @@ from iotmeter.errors import NotFound, ValidationFailed
 from iotmeter.ingest.decode import DecodeLimits
 from iotmeter.services.devices import get_device
 from iotmeter.services.replay import replay_device
-from iotmeter.storage.archive.document import parse_key
+from iotmeter.storage.archive.segments import is_message_key
 
 router = APIRouter(tags=["raw data"])
 MAX_PAGE = 200
@@ -125,9 +125,7 @@ async def replay(
 )
 async def raw_message(key: str, state: StateDep) -> Response:
     """The stored document exactly as archived (key as listed, e.g. `dev-1/20260101T...json`)."""
-    try:
-        parse_key(key)
-    except ValueError:
+    if not is_message_key(key):
         raise NotFound(
             f"no archived message {key!r}; keys look like device/20260101T000000.000Z_....json"
         ) from None

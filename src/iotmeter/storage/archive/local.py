@@ -8,6 +8,7 @@ folder, then `os.replace`): a reader never sees half a document, and a redeliver
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import heapq
 import os
@@ -33,12 +34,16 @@ _TEMP_SUFFIX = ".tmp"
 # Stricter than `parse_key`: only what `ReadingSet.archive_key` produces, so a key can never
 # carry a path separator, a NUL byte or anything else a file system or URL would reinterpret.
 _NAME_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_[A-Za-z0-9_.\-]{1,96}\.json$")
+# Objects of the segment layout (see segments.py): `{first}_{last}_{hash}.ndjson[.gz]`.
+_OBJECT_NAME_RE = re.compile(
+    r"^\d{8}T\d{6}\.\d{3}Z_\d{8}T\d{6}\.\d{3}Z_[0-9a-f]{16}\.ndjson(\.gz)?$"
+)
 
 
 def check_device_id(device_id: str) -> None:
     """ValueError unless `device_id` is safe as one path segment of a key."""
     # "." and ".." pass DEVICE_ID_RE but would name the root or its parent as a folder.
-    if not DEVICE_ID_RE.match(device_id) or device_id in (".", ".."):
+    if not DEVICE_ID_RE.fullmatch(device_id) or device_id in (".", ".."):
         raise ValueError(f"not a device id: {device_id!r}")
 
 
@@ -47,13 +52,27 @@ def checked_key(key: str) -> tuple[str, str, int]:
     device_id, epoch_us = parse_key(key)
     check_device_id(device_id)
     name = key.partition("/")[2]
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ValueError(f"not an archive key: {key!r}")
     return device_id, name, epoch_us
 
 
+def checked_object_key(key: str) -> tuple[str, str]:
+    """(device_id, name) of a segment object key; ValueError otherwise."""
+    device_id, _, name = key.partition("/")
+    check_device_id(device_id)
+    if not _OBJECT_NAME_RE.fullmatch(name):
+        raise ValueError(f"not an archive object key: {key!r}")
+    return device_id, name
+
+
 def _names_between(
-    folder: Path, low: str, high: str, low_exclusive: str | None, count: int
+    folder: Path,
+    low: str,
+    high: str,
+    low_exclusive: str | None,
+    count: int,
+    suffixes: tuple[str, ...] = (_SUFFIX,),
 ) -> list[str]:
     """The first `count` names in [low, high) and > low_exclusive, in order."""
     try:
@@ -64,7 +83,7 @@ def _names_between(
         names = (
             entry.name
             for entry in entries
-            if entry.name.endswith(_SUFFIX)
+            if entry.name.endswith(suffixes)
             and low <= entry.name < high
             and (low_exclusive is None or entry.name > low_exclusive)
         )
@@ -195,6 +214,49 @@ class LocalArchiveStore:
         except OSError as exc:
             raise self._error("read", exc) from exc
         return ArchivedMessage(key=key, device_id=device_id, epoch_us=epoch_us, body=body)
+
+    # --- objects of the segment layout --------------------------------------------------------
+
+    async def put_objects(self, objects: Sequence[tuple[str, bytes]]) -> None:
+        """Write whole objects (segment files) atomically; a repeated key overwrites."""
+        documents = [(*checked_object_key(key), body) for key, body in objects]
+        try:
+            await asyncio.to_thread(self._write_all, documents)
+        except OSError as exc:
+            raise self._error("write", exc) from exc
+
+    async def list_objects(
+        self, device_id: str, start_after: str, limit: int
+    ) -> builtins.list[str]:
+        """Segment object keys of a device sorting after `start_after`, in order."""
+        check_device_id(device_id)
+        prefix_length = len(device_id) + 1
+        low = start_after[prefix_length:] if start_after.startswith(f"{device_id}/") else ""
+        try:
+            names = await asyncio.to_thread(
+                _names_between,
+                self.root / device_id,
+                low,
+                "\uffff",
+                low,
+                limit,
+                (".ndjson", ".ndjson.gz"),
+            )
+        except OSError as exc:
+            raise self._error("listing", exc) from exc
+        return [f"{device_id}/{name}" for name in names]
+
+    async def get_object(self, key: str) -> bytes:
+        try:
+            device_id, name = checked_object_key(key)
+        except ValueError:
+            raise NotFound(f"no archive object {key!r}") from None
+        try:
+            return await asyncio.to_thread((self.root / device_id / name).read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no archive object {key!r}") from None
+        except OSError as exc:
+            raise self._error("read", exc) from exc
 
     async def health(self) -> str | None:
         """The folder's path when a file can be written there; `BackendUnavailable` if not."""

@@ -11,6 +11,7 @@ creation) is retried by the next call, which raises `BackendUnavailable` while S
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -29,7 +30,7 @@ from iotmeter.errors import BackendUnavailable, NotFound, SettingsInvalid
 from iotmeter.ingest.models import ReadingSet
 from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage
 from iotmeter.storage.archive.document import encode_archive_document, key_bound, key_prefix
-from iotmeter.storage.archive.local import check_device_id, checked_key
+from iotmeter.storage.archive.local import check_device_id, checked_key, checked_object_key
 
 if TYPE_CHECKING:
     from iotmeter.storage.archive.base import ArchiveStore
@@ -189,13 +190,22 @@ class S3ArchiveStore:
 
     async def put(self, readings: Sequence[ReadingSet]) -> None:
         """Archive each reading set under its `archive_key`; a repeated key overwrites."""
-        if not readings:
-            return
         documents: list[tuple[str, bytes]] = []
         for reading in readings:
             key = reading.archive_key
             checked_key(key)
             documents.append((key, encode_archive_document(reading)))
+        await self._put_all(documents, "application/json")
+
+    async def put_objects(self, objects: Sequence[tuple[str, bytes]]) -> None:
+        """Write whole objects (segments of the segment layout); a repeated key overwrites."""
+        for key, _body in objects:
+            checked_object_key(key)
+        await self._put_all(list(objects), "application/x-ndjson")
+
+    async def _put_all(self, documents: list[tuple[str, bytes]], content_type: str) -> None:
+        if not documents:
+            return
         await self._ensure_bucket()
         pending = iter(documents)
 
@@ -205,7 +215,7 @@ class S3ArchiveStore:
             for key, body in pending:
                 with self._calling("PutObject"):
                     await self._client.put_object(
-                        Bucket=self.bucket, Key=key, Body=body, ContentType="application/json"
+                        Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
                     )
 
         try:
@@ -216,6 +226,48 @@ class S3ArchiveStore:
             if all(isinstance(exc, BackendUnavailable) for exc in failures.exceptions):
                 raise failures.exceptions[0] from None
             raise
+
+    async def list_objects(
+        self, device_id: str, start_after: str, limit: int
+    ) -> builtins.list[str]:
+        """Segment object keys of a device sorting after `start_after`, in order."""
+        check_device_id(device_id)
+        await self._ensure_bucket()
+        keys: list[str] = []
+        while len(keys) < limit:
+            with self._calling("ListObjectsV2"):
+                response = await self._client.list_objects_v2(
+                    Bucket=self.bucket,
+                    Prefix=key_prefix(device_id),
+                    StartAfter=start_after,
+                    MaxKeys=min(_LIST_PAGE_MAX, limit - len(keys)),
+                )
+            contents = [item["Key"] for item in response.get("Contents", [])]
+            keys.extend(key for key in contents if key.endswith((".ndjson", ".ndjson.gz")))
+            if not response.get("IsTruncated") or not contents:
+                break
+            start_after = contents[-1]
+        return keys[:limit]
+
+    async def get_object(self, key: str) -> bytes:
+        try:
+            checked_object_key(key)
+        except ValueError:
+            raise NotFound(f"no archive object {key!r}") from None
+        return await self._get_body(key)
+
+    async def _get_body(self, key: str) -> bytes:
+        await self._ensure_bucket()
+        try:
+            with self._calling("GetObject"):
+                response = await self._client.get_object(Bucket=self.bucket, Key=key)
+                async with response["Body"] as stream:
+                    body: bytes = await stream.read()
+        except BackendUnavailable as exc:
+            if _error_code(exc.__cause__) in _MISSING_KEY:
+                raise NotFound(f"no archived object {key!r}") from None
+            raise
+        return body
 
     async def list(
         self,
@@ -251,7 +303,8 @@ class S3ArchiveStore:
                 )
             contents = response.get("Contents", [])
             page = [item["Key"] for item in contents if item["Key"] < high]
-            keys.extend(page)
+            # Only per-message objects: segments (.ndjson) are listed by `list_objects`.
+            keys.extend(key for key in page if key.endswith(".json"))
             if len(page) < len(contents) or not response.get("IsTruncated") or not page:
                 break
             start_after = page[-1]
@@ -265,16 +318,10 @@ class S3ArchiveStore:
             device_id, _, epoch_us = checked_key(key)
         except ValueError:
             raise NotFound(f"no archived message {key!r}") from None
-        await self._ensure_bucket()
         try:
-            with self._calling("GetObject"):
-                response = await self._client.get_object(Bucket=self.bucket, Key=key)
-                async with response["Body"] as stream:
-                    body: bytes = await stream.read()
-        except BackendUnavailable as exc:
-            if _error_code(exc.__cause__) in _MISSING_KEY:
-                raise NotFound(f"no archived message {key!r}") from None
-            raise
+            body = await self._get_body(key)
+        except NotFound:
+            raise NotFound(f"no archived message {key!r}") from None
         return ArchivedMessage(key=key, device_id=device_id, epoch_us=epoch_us, body=body)
 
     async def health(self) -> str | None:
