@@ -116,9 +116,13 @@ class DeviceDirectory:
         self.auto_register = auto_register
         self.types: dict[str, str] = {}
 
-    async def resolve(self, readings: Sequence[ReadingSet]) -> list[ReadingSet]:
-        """Readings with the registry's type; without those of unregistered devices when
-        auto-registration is off (the registry sink dead-letters them)."""
+    async def resolve(
+        self, readings: Sequence[ReadingSet], *, retype: bool = True
+    ) -> list[ReadingSet]:
+        """Readings with the registry's type (with `retype`); without those of unregistered
+        devices when auto-registration is off (the registry sink dead-letters them)."""
+        if self.auto_register and not retype:
+            return list(readings)
         missing = {r.device_id for r in readings if r.device_id not in self.types}
         if missing:
             try:
@@ -139,7 +143,7 @@ class DeviceDirectory:
                 registered = self.types[reading.device_id] = reading.device_type or UNKNOWN_TYPE
             result.append(
                 reading
-                if reading.device_type == registered
+                if not retype or reading.device_type == registered
                 else replace(reading, device_type=registered)
             )
         return result
@@ -421,7 +425,7 @@ class Collector:
             readings.extend(decoded.readings)
 
         async def resolve() -> None:
-            readings[:] = await self.directory.resolve(readings)
+            readings[:] = await self.directory.resolve(readings, retype=False)
 
         await self._retry_until_done("archive", resolve)
         by_device: dict[str, list[tuple[int, bytes]]] = {}
@@ -528,7 +532,7 @@ class Collector:
             self.stats.count_rejection(rejection.reason.value, rejection.device_id)
 
     async def _store_timeseries(self, batch: list[Decoded]) -> None:
-        readings = await self._resolved(batch)
+        readings = await self._resolved(batch, retype=self.timeseries.tags_device_type)
         if not readings:
             return
         try:
@@ -546,14 +550,14 @@ class Collector:
         self.stats.count_stored("timeseries", Counter(r.device_id for r in readings))
 
     async def _store_archive(self, batch: list[Decoded]) -> None:
-        readings = await self._resolved(batch)
+        readings = await self._resolved(batch, retype=False)
         if readings:
             await self.archive.put(readings)
         self.stats.count_stored("archive", Counter(r.device_id for r in readings))
 
-    async def _resolved(self, batch: list[Decoded]) -> list[ReadingSet]:
+    async def _resolved(self, batch: list[Decoded], *, retype: bool) -> list[ReadingSet]:
         readings = [reading for decoded in batch for reading in decoded.readings]
-        return await self.directory.resolve(readings)
+        return await self.directory.resolve(readings, retype=retype)
 
     async def _dead_letter_refused(
         self, what: str, refused: Sequence[tuple[ReadingSet, str]]

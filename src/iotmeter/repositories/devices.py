@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -103,17 +103,34 @@ class DeviceRepository:
         await self.session.execute(insert_(Device).on_conflict_do_nothing(), rows)
 
     async def touch_last_seen(self, seen: dict[str, datetime]) -> None:
-        """Move each device's last_seen_at forward (never back) to the time given."""
-        for device_id, seen_at in seen.items():
+        """Move each device's last_seen_at forward (never back): one statement per batch."""
+        if not seen:
+            return
+        if self.session.get_bind().dialect.name == "postgresql":
             await self.session.execute(
-                update(Device)
-                .where(
-                    Device.id == device_id,
-                    or_(Device.last_seen_at.is_(None), Device.last_seen_at < seen_at),
-                )
-                .values(last_seen_at=seen_at)
-                .execution_options(synchronize_session=False)
+                text(
+                    "UPDATE devices SET last_seen_at = seen.at FROM ("
+                    "SELECT unnest(CAST(:ids AS varchar[])) AS id, "
+                    "unnest(CAST(:ats AS timestamptz[])) AS at) AS seen "
+                    "WHERE devices.id = seen.id "
+                    "AND (devices.last_seen_at IS NULL OR devices.last_seen_at < seen.at)"
+                ),
+                {"ids": list(seen), "ats": list(seen.values())},
             )
+            return
+        # SQLite runs in-process: an executemany has no round trips to save.
+        table = Device.__table__
+        assert isinstance(table, Table)
+        connection = await self.session.connection()
+        await connection.execute(
+            update(table)
+            .where(
+                table.c.id == bindparam("device_id"),
+                or_(table.c.last_seen_at.is_(None), table.c.last_seen_at < bindparam("seen_at")),
+            )
+            .values(last_seen_at=bindparam("seen_at")),
+            [{"device_id": key, "seen_at": value} for key, value in seen.items()],
+        )
 
     async def count_by_type(self) -> dict[str, int]:
         rows = await self.session.execute(select(Device.type, func.count()).group_by(Device.type))

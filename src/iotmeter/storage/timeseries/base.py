@@ -39,6 +39,8 @@ class TimeSeriesStore(Protocol):
     """Where readings are kept for querying over time."""
 
     backend: str
+    tags_device_type: bool
+    """Whether the store keeps the device type with each point (then it must be stable)."""
 
     async def write(self, readings: Sequence[ReadingSet]) -> None:
         """Store every value of every reading set; writing the same reading twice is harmless."""

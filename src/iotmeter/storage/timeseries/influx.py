@@ -164,6 +164,7 @@ class InfluxTimeSeriesStore:
     """Readings in an InfluxDB 2.x bucket; create (and close) it inside a running event loop."""
 
     backend = "influxdb"
+    tags_device_type = True
 
     def __init__(
         self,

@@ -75,6 +75,8 @@ def _columns(rows: list[Row]) -> tuple[list[str], list[str], list[int], list[flo
 class SqlTimeSeriesStore:
     """Readings in the `telemetry` table of the registry database."""
 
+    tags_device_type = False
+
     def __init__(self, database: Database) -> None:
         self.database = database
         self.backend = f"sql ({database.dialect})"
