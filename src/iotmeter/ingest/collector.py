@@ -244,8 +244,14 @@ class Collector:
                     self.last_error = None
                     backoff.succeeded()
                     logger.info("collector subscribed to %s", TOPIC_FILTER)
+                    # aiomqtt's iterator starts a task per message (to notice a lost
+                    # connection while waiting); under load the queue is rarely empty, so what
+                    # is already queued is taken directly and the iterator only waits.
+                    queue = getattr(client, "_queue", None)
                     async for message in client.messages:
                         await self._accept(message)
+                        while queue is not None and not queue.empty():
+                            await self._accept(queue.get_nowait())
             except aiomqtt.MqttError as exc:
                 self.connected = False
                 self._paho = None
@@ -253,6 +259,20 @@ class Collector:
                 await asyncio.sleep(backoff.failed(exc))
 
     async def _accept(self, message: aiomqtt.Message) -> None:
+        if self._room_for_more():
+            self._admit(message)
+            return
+        await self._wait_for_room()
+        self._admit(message)
+
+    def _room_for_more(self) -> bool:
+        return (
+            len(self._unacked) < self.settings.mqtt_max_inflight
+            and not self.spool.full
+            and self.spool_full_since is None
+        )
+
+    async def _wait_for_room(self) -> None:
         while self.spool.full:
             if self.spool_full_since is None:
                 self.spool_full_since = time.monotonic()
@@ -273,6 +293,8 @@ class Collector:
             self._committed.clear()
             self._work.set()
             await self._committed.wait()
+
+    def _admit(self, message: aiomqtt.Message) -> None:
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode()

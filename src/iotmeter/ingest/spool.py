@@ -125,6 +125,7 @@ class Spool:
         self._file: int | None = None
         self._pending: list[SpoolRecord] = []
         self._pending_bytes = bytearray()
+        self._disk_bytes = 0
         self._next_seq = 0
         self.committed_seq = -1
         self.confirmed: dict[str, int] = {}
@@ -167,6 +168,7 @@ class Spool:
         self._next_seq = max(self._next_seq, floor + 1)
         self.committed_seq = self._next_seq - 1
         self._free_segments()
+        self._disk_bytes = self.disk_bytes
         if self.committed_seq > floor:
             first = self._read_disk(floor, 1)
             if first:
@@ -199,7 +201,8 @@ class Spool:
 
     @property
     def full(self) -> bool:
-        return self.disk_bytes + len(self._pending_bytes) >= self.max_bytes
+        # Checked per message: the committed size is summed once per commit, not here.
+        return self._disk_bytes + len(self._pending_bytes) >= self.max_bytes
 
     def append(self, topic: str, payload: bytes, received_at_us: int) -> int:
         """Buffer one message; it is durable (and may be acked) once `commit()` returns its seq."""
@@ -228,6 +231,7 @@ class Spool:
                 self._recent_bytes -= self._recent.popleft().nbytes
             self._unconfirmed.append((records[-1].seq, records[0].received_at_us))
             self.committed_seq = records[-1].seq
+            self._disk_bytes = self.disk_bytes
             async with self._committed:
                 self._committed.notify_all()
             return self.committed_seq
@@ -318,6 +322,7 @@ class Spool:
             self._unconfirmed.popleft()
         if self._segments and self._segments[0].last_seq <= floor:
             await asyncio.to_thread(self._free_segments)
+            self._disk_bytes = self.disk_bytes
 
     def _write_cursor(self, consumer: str, seq: int) -> None:
         path = self._cursor_path(consumer)
