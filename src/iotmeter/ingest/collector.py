@@ -229,7 +229,8 @@ class Collector:
                 password=self.broker.password,
                 identifier=self.settings.mqtt_client_id,
                 clean_session=False,
-                keepalive=30,
+                # A connection that died without a FIN is noticed within ~1.5 keepalives.
+                keepalive=10,
                 timeout=10,
                 tls_context=ssl.create_default_context() if self.broker.tls else None,
             )
@@ -315,9 +316,13 @@ class Collector:
             acks, self._unacked = self._unacked, []
             await self.spool.commit()
             paho = self._paho
+            if paho is None or not paho.is_connected():
+                # The connection is gone: the broker redelivers these on the next one.
+                self._committed.set()
+                continue
             for generation, mid in acks:
                 # A message from an earlier connection is redelivered by the broker instead.
-                if paho is not None and generation == self._generation:
+                if generation == self._generation:
                     paho.ack(mid, 1)
             self._committed.set()
 
@@ -347,9 +352,10 @@ class Collector:
             await self.spool.wait_beyond(position, within=1.0)
             if self.spool.committed_seq <= position:
                 continue
-            if self.spool.committed_seq - position < batch_max:
-                # Let a small batch fill up a little; a backlog is drained at once.
-                await asyncio.sleep(self.settings.batch_max_delay_s)
+            # A full batch goes at once; a partial one waits at most batch_max_delay_s to fill.
+            await self.spool.wait_beyond(
+                position + batch_max - 1, within=self.settings.batch_max_delay_s
+            )
             chunks = await self.spool.read(position, batch_max)
             if not chunks:
                 continue
