@@ -1,0 +1,1905 @@
+"""iotmeter under load, against the ceiling of a bare MQTT subscriber measured in the same run.
+
+One command starts what it needs on free loopback ports (Mosquitto, a fresh PostgreSQL database
+on the shared server, SeaweedFS for the S3 archive) or uses the URLs it is given, runs iotmeter
+as a separate process (`python -m iotmeter serve`), drives it from separate publisher processes
+(paho, QoS 1) and prints a table; `--json` (default `bench/results/<time>-<layout>-<archive>.json`)
+keeps every figure and the sampled timeline.
+
+    .venv/bin/python bench/harness.py                          # 60 s, 1,000 devices, S3 archive
+    .venv/bin/python bench/harness.py --duration 20 --archive local
+    .venv/bin/python bench/harness.py --archive-layout segment --publishers 2
+    .venv/bin/python bench/harness.py --rate 5000              # latency at a fixed offered rate
+    .venv/bin/python bench/harness.py --devices 10000 --devices-registered 10000 --no-api
+    .venv/bin/python bench/harness.py --profile 20 --no-api --no-ceiling   # py-spy the app
+    .venv/bin/python bench/harness.py --smoke                  # CI: small and quick
+
+Phases, in order, each bounded in time:
+1. S3 small-PUT ceiling (S3 archive on the harness's own SeaweedFS): PutObject of ~200 B at
+   concurrency 64; the per-message archive layout cannot beat it.
+2. Ceiling: the publishers' load (same settings as phase 3) into a bare aiomqtt subscriber process
+   that only counts QoS 1 messages.
+3. iotmeter: the same load into the app. Stored messages/s come from `/api/v1/stats`
+   (`messages.stored`: in the time-series store and the archive), sampled every 0.5 s; the rate is
+   taken over the steady part of the window (after `--warmup`). A probe device publishes its send
+   time every `--probe-interval` s and the harness polls `/api/v1/devices/bench-probe/latest`
+   until each probe is visible: publish-to-queryable latency. App CPU and RSS are sampled with
+   psutil every 0.5 s. After the window the harness waits until stored equals what the broker
+   acknowledged (or stops moving): loss = acknowledged - stored, and a SQL count of the stored
+   rows checks it independently.
+4. API (`--api`, on by default): device get, device list and a 1 h / 1 m telemetry query at a
+   fixed concurrency for a fixed time each, then device get open-loop at a fixed offered rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from load import broker_address, device_id  # noqa: E402
+from tests.fixtures.services import (  # noqa: E402
+    create_pg_database,
+    drop_pg_database,
+    free_port,
+    running_seaweedfs,
+    stop_process,
+    wait_for_port,
+)
+
+LOAD = ROOT / "bench" / "load.py"
+RESULTS = ROOT / "bench" / "results"
+PROBE_DEVICE = "bench-probe"
+SAMPLE_INTERVAL_S = 0.5
+S3_ACCESS_KEY = "iotmeter-bench"
+S3_SECRET_KEY = "iotmeter-bench-secret"
+MB = 1024 * 1024
+
+
+class HarnessError(RuntimeError):
+    """Something the benchmark needs did not work; the message says what."""
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of `values` (unsorted), or None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, int(-(-fraction * len(ordered) // 1)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def value_at(series: Sequence[tuple[float, float]], instant: float) -> float | None:
+    """A counter's value at `instant`, linearly interpolated between the samples around it."""
+    if not series:
+        return None
+    if instant <= series[0][0]:
+        return series[0][1]
+    for (t0, v0), (t1, v1) in itertools.pairwise(series):
+        if t0 <= instant <= t1:
+            return v0 if t1 == t0 else v0 + (v1 - v0) * (instant - t0) / (t1 - t0)
+    return series[-1][1]
+
+
+def rate_between(series: Sequence[tuple[float, float]], start: float, stop: float) -> float | None:
+    """How fast a counter grew between two instants, per second."""
+    first, last = value_at(series, start), value_at(series, stop)
+    if first is None or last is None or stop <= start:
+        return None
+    return (last - first) / (stop - start)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def command_version(command: list[str]) -> str | None:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (result.stdout or result.stderr).strip().splitlines()
+    return text[0].strip() if text else None
+
+
+def git_revision(ref: str | None = None) -> str | None:
+    """The short commit of `ref`, or of the working tree (with -dirty when it has edits)."""
+    revision = command_version(["git", "-C", str(ROOT), "rev-parse", "--short", ref or "HEAD"])
+    if revision is None or ref is not None:
+        return revision
+    status = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return revision + ("-dirty" if status.stdout.strip() else "")
+
+
+def round_or_none(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --- services ----------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchMosquitto:
+    """A private Mosquitto tuned for load: 1,000 in flight, a deep queue, no persistence."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        config = self.workdir / "mosquitto.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    "allow_anonymous true",
+                    "max_inflight_messages 1000",
+                    # The collector's persistent session must never drop a message: the whole
+                    # run's backlog fits (memory only; persistence is off).
+                    "max_queued_messages 100000000",
+                    "max_queued_bytes 0",
+                    "persistence false",
+                    "log_dest stderr",
+                    "log_type error",
+                    "log_type warning",
+                ]
+            )
+            + "\n"
+        )
+        with (self.workdir / "mosquitto.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                ["mosquitto", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_port(self.port, 10, self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@contextlib.contextmanager
+def running_bench_mosquitto(workdir: Path) -> Any:
+    if shutil.which("mosquitto") is None:
+        raise HarnessError("mosquitto is not installed (apt-get install mosquitto)")
+    broker = BenchMosquitto(workdir)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@dataclass
+class Services:
+    mqtt_url: str
+    database_url: str
+    s3: dict[str, str] | None  # endpoint, access_key, secret_key, bucket
+    influx: dict[str, str] | None
+    owned_s3: bool
+    pids: dict[str, int]
+    describe: dict[str, str]
+
+
+async def open_services(args: argparse.Namespace, workdir: Path, stack: AsyncExitStack) -> Services:
+    """Start (or take from the options) the broker, the database and the S3 server."""
+    sync = ExitStack()
+    stack.push_async_callback(asyncio.to_thread, sync.close)
+    pids: dict[str, int] = {}
+    describe: dict[str, str] = {}
+    if args.mqtt_url:
+        mqtt_url = args.mqtt_url
+        describe["mqtt"] = f"given: {mqtt_url.split('@')[-1]}"
+    else:
+        folder = workdir / "mosquitto"
+        folder.mkdir()
+        broker = await asyncio.to_thread(sync.enter_context, running_bench_mosquitto(folder))
+        mqtt_url = broker.url
+        assert broker.process is not None
+        pids["broker"] = broker.process.pid
+        version = command_version(["mosquitto", "-h"]) or "mosquitto"
+        describe["mqtt"] = f"{version}, own instance on {mqtt_url} (max_inflight_messages 1000)"
+
+    if args.database_url:
+        database_url = args.database_url
+        describe["database"] = f"given: {database_url.split('@')[-1]}"
+    else:
+        database_url = await create_pg_database("iotmeter_bench")
+        if not args.keep_database:
+            stack.push_async_callback(drop_pg_database, database_url)
+        describe["database"] = f"fresh database {database_url.rsplit('/', 1)[-1]}"
+
+    s3: dict[str, str] | None = None
+    owned_s3 = False
+    if args.archive == "s3":
+        bucket = args.s3_bucket or f"iotmeter-bench-{uuid.uuid4().hex[:8]}"
+        if args.s3_endpoint:
+            s3 = {
+                "endpoint": args.s3_endpoint,
+                "access_key": args.s3_access_key or S3_ACCESS_KEY,
+                "secret_key": args.s3_secret_key or S3_SECRET_KEY,
+                "bucket": bucket,
+            }
+            describe["archive"] = f"S3 given: {args.s3_endpoint}, bucket {bucket}"
+        else:
+            server = await asyncio.to_thread(sync.enter_context, running_seaweedfs())
+            assert server.process is not None
+            pids["s3"] = server.process.pid
+            s3 = {
+                "endpoint": server.endpoint_url,
+                "access_key": S3_ACCESS_KEY,
+                "secret_key": S3_SECRET_KEY,
+                "bucket": bucket,
+            }
+            owned_s3 = True
+            version = command_version([weed_path(), "version"]) or "SeaweedFS"
+            describe["archive"] = f"S3: {version}, own instance on {server.endpoint_url}"
+    else:
+        describe["archive"] = "local folder (in the run's temporary folder)"
+
+    influx = None
+    if args.influx_url:
+        if not args.influx_token:
+            raise HarnessError("--influx-url needs --influx-token")
+        influx = {
+            "url": args.influx_url,
+            "token": args.influx_token,
+            "org": args.influx_org,
+            "bucket": args.influx_bucket,
+        }
+        describe["timeseries"] = f"InfluxDB given: {args.influx_url}"
+    else:
+        describe["timeseries"] = "SQL (the PostgreSQL database)"
+    return Services(mqtt_url, database_url, s3, influx, owned_s3, pids, describe)
+
+
+def weed_path() -> str:
+    return shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+
+
+# --- load processes ----------------------------------------------------------------------------
+
+
+class Worker:
+    """One `bench/load.py` process, speaking JSON lines."""
+
+    started: ClassVar[
+        list[Worker]
+    ] = []  # every worker of the run, killed at the end whatever happens
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process, log: Path) -> None:
+        self.name = name
+        self.process = process
+        self.log = log
+        self.ready = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.progress: list[dict[str, Any]] = []
+        self.info: dict[str, Any] = {}
+        self.final: dict[str, Any] | None = None
+        self._reader = asyncio.create_task(self._read())
+        Worker.started.append(self)
+
+    @classmethod
+    async def start(
+        cls,
+        name: str,
+        role: str,
+        options: Iterable[str],
+        workdir: Path,
+        kill_after: float,
+        env: dict[str, str] | None = None,
+    ) -> Worker:
+        log = workdir / f"{name}.log"
+        with log.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(LOAD),
+                "--kill-after",
+                f"{kill_after:.0f}",
+                role,
+                *options,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                limit=1 << 26,  # the HTTP role's final line holds every latency
+            )
+        return cls(name, process, log)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            try:
+                data = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if data.get("ready"):
+                self.info = data
+                self.ready.set()
+            elif data.get("done"):
+                self.final = data
+            else:
+                self.progress.append(data)
+        self.finished.set()
+
+    def failure(self, what: str) -> HarnessError:
+        return HarnessError(f"{self.name} {what}; its log ({self.log}):\n{tail(self.log)}")
+
+    async def wait_ready(self, within: float = 30) -> None:
+        waits = [asyncio.create_task(self.ready.wait()), asyncio.create_task(self.finished.wait())]
+        done, pending = await asyncio.wait(
+            waits, timeout=within, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        if not self.ready.is_set():
+            raise self.failure("did not get ready" if not done else "exited before it was ready")
+
+    def send(self, line: str) -> None:
+        if self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.write(line.encode() + b"\n")
+
+    async def wait_done(self, within: float) -> dict[str, Any]:
+        try:
+            await asyncio.wait_for(self.finished.wait(), within)
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            await self.kill()
+            raise self.failure(f"did not finish within {within:.0f} s") from None
+        if self.final is None:
+            raise self.failure(f"exited with {self.process.returncode} without a result")
+        return self.final
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), 10)
+
+
+def series_of(worker: Worker, key: str) -> list[tuple[float, float]]:
+    return [(line["t"], float(line[key])) for line in worker.progress if key in line]
+
+
+# --- measuring processes -----------------------------------------------------------------------
+
+
+class Meter:
+    """CPU seconds per group of processes (monotonic even when a process exits) and the app's
+    RSS; also the machine's busy CPU, to show how much the rest of the machine took."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, dict[int, psutil.Process]] = {}
+        self.last_cpu: dict[str, dict[int, float]] = {}
+        self.scan_postgres = True
+
+    def add(self, group: str, pid: int) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.groups.setdefault(group, {})[pid] = psutil.Process(pid)
+            self.last_cpu.setdefault(group, {})
+
+    def _refresh_postgres(self) -> None:
+        found = self.groups.setdefault("postgres", {})
+        self.last_cpu.setdefault("postgres", {})
+        for process in psutil.process_iter(["name"]):
+            if process.info["name"] in ("postgres", "postmaster") and process.pid not in found:
+                found[process.pid] = process
+
+    def sample(self) -> dict[str, float]:
+        if self.scan_postgres:
+            self._refresh_postgres()
+        cpu: dict[str, float] = {}
+        for group, processes in self.groups.items():
+            seen = self.last_cpu[group]
+            for pid, process in list(processes.items()):
+                try:
+                    times = process.cpu_times()
+                    seen[pid] = times.user + times.system
+                except psutil.Error:
+                    del processes[pid]  # gone: keep its last CPU seconds
+            cpu[group] = sum(seen.values())
+        disks = psutil.disk_io_counters()
+        if disks is not None and hasattr(disks, "busy_time"):
+            # Milliseconds the disks were busy, as CPU seconds are: a rate of 1.0 = 100 %.
+            cpu["disk_busy"] = disks.busy_time / 1000
+        machine = psutil.cpu_times()
+        cpu["machine_busy"] = (
+            machine.user
+            + machine.system
+            + machine.nice
+            + machine.irq
+            + (machine.softirq + machine.steal)
+        )
+        # Interrupt work (loopback networking, disk completions) belongs to no process;
+        # steal is time the hypervisor gave to other guests.
+        cpu["machine_irq"] = machine.irq + machine.softirq
+        cpu["machine_steal"] = machine.steal
+        return cpu
+
+    def known_pids(self) -> set[int]:
+        return {pid for group in self.last_cpu.values() for pid in group}
+
+
+MACHINE_KEYS = ("machine_busy", "machine_irq", "machine_steal", "disk_busy")
+
+
+def process_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds of every process on the machine, with its command line."""
+    result: dict[int, tuple[str, float]] = {}
+    for process in psutil.process_iter(["cmdline", "name", "cpu_times"]):
+        times = process.info["cpu_times"]
+        if times is None:
+            continue
+        command = " ".join(process.info["cmdline"] or []) or process.info["name"] or "?"
+        result[process.pid] = (command[:120], times.user + times.system)
+    return result
+
+
+def top_outside(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    seconds: float,
+    known: set[int],
+    top: int = 5,
+) -> list[dict[str, Any]]:
+    """The processes outside the bench that took the most CPU between two snapshots."""
+    used = []
+    for pid, (command, cpu) in after.items():
+        if pid in known or "postgres" in command.split(" ", 1)[0]:
+            continue
+        delta = cpu - before.get(pid, (command, 0.0))[1]
+        if delta > 0.01 * seconds:
+            used.append(
+                {"pid": pid, "cpu_percent": round(100 * delta / seconds, 1), "command": command}
+            )
+    return sorted(used, key=lambda entry: -entry["cpu_percent"])[:top]
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The kernel's high-water mark of the process's RSS (VmHWM)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Sample:
+    t: float
+    cpu: dict[str, float]
+    rss_mb: float | None = None
+    stored: int | None = None
+    received: int | None = None
+    rejected: int | None = None
+    spool_depth: int | None = None
+    lag_by_sink: dict[str, int] | None = None
+
+
+class Sampler:
+    """Every 0.5 s: CPU of every group, the app's RSS and (when the app runs) its counters."""
+
+    def __init__(self, meter: Meter, app_pid: int | None, api: httpx.AsyncClient | None) -> None:
+        self.meter = meter
+        self.app_pid = app_pid
+        self.api = api
+        self.samples: list[Sample] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        app = psutil.Process(self.app_pid) if self.app_pid else None
+        next_at = time.time()
+        while True:
+            sample = await self.take(app)
+            self.samples.append(sample)
+            next_at += SAMPLE_INTERVAL_S
+            await asyncio.sleep(max(0.0, next_at - time.time()))
+
+    async def take(self, app: psutil.Process | None = None) -> Sample:
+        before = time.time()
+        sample = Sample(t=before, cpu=self.meter.sample())
+        if app is not None:
+            with contextlib.suppress(psutil.Error):
+                sample.rss_mb = app.memory_info().rss / MB
+        if self.api is not None:
+            try:
+                response = await self.api.get("/api/v1/stats", timeout=5)
+                body = response.json()
+            except (httpx.HTTPError, ValueError):
+                return sample
+            # The counters were read somewhere during the request: take its middle.
+            sample.t = (before + time.time()) / 2
+            messages = body.get("messages", {})
+            sample.stored = messages.get("stored")
+            sample.received = messages.get("received")
+            sample.rejected = messages.get("rejected")
+            spool = body.get("spool") or {}
+            sample.spool_depth = spool.get("depth")
+            sample.lag_by_sink = spool.get("lag_by_sink")
+        return sample
+
+    def cpu_series(self, group: str) -> list[tuple[float, float]]:
+        return [(s.t, s.cpu[group]) for s in self.samples if group in s.cpu]
+
+    def series(self, attribute: str) -> list[tuple[float, float]]:
+        return [
+            (s.t, float(getattr(s, attribute)))
+            for s in self.samples
+            if getattr(s, attribute) is not None
+        ]
+
+    def cpu_percent(self, group: str, start: float, stop: float) -> float | None:
+        rate = rate_between(self.cpu_series(group), start, stop)
+        return None if rate is None else rate * 100
+
+
+# --- the latency probe -------------------------------------------------------------------------
+
+
+class Probe:
+    """A device that publishes its send time every `interval` s; the poller finds each message
+    through the API and notes when it became visible."""
+
+    def __init__(self, mqtt_url: str, interval: float, poll_interval: float) -> None:
+        self.mqtt_url = mqtt_url
+        self.interval = interval
+        self.poll_interval = poll_interval
+        self.sent_at: dict[int, float] = {}
+        self.visible_at: dict[int, float] = {}
+        self.acked = 0
+        self.polls = 0
+        self.poll_errors = 0
+
+    async def publish(self, start: float, stop: float) -> None:
+        import aiomqtt
+
+        host, port, username, password = broker_address(self.mqtt_url)
+        async with aiomqtt.Client(
+            host,
+            port,
+            username=username,
+            password=password,
+            identifier=f"bench-probe-{uuid.uuid4().hex[:8]}",
+            timeout=10,
+        ) as client:
+            await asyncio.sleep(max(0.0, start - time.time()))
+            sequence = 0
+            while time.time() < stop:
+                sequence += 1
+                sent = time.time()
+                payload = orjson.dumps(
+                    {
+                        "ts": time.time_ns() // 1000,
+                        "seq": sequence,
+                        "type": "bench",
+                        "metrics": {"probe_seq": sequence},
+                    }
+                )
+                self.sent_at[sequence] = sent
+                await client.publish(f"iot/{PROBE_DEVICE}/telemetry", payload, qos=1)
+                self.acked += 1
+                await asyncio.sleep(max(0.0, sent + self.interval - time.time()))
+
+    async def poll(self, api: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        """Until stopped: while a sent probe is not yet visible, ask for the latest value."""
+        newest_seen = 0
+        path = f"/api/v1/devices/{PROBE_DEVICE}/latest"
+        while not stop.is_set():
+            if self.sent_at and max(self.sent_at) > newest_seen:
+                self.polls += 1
+                try:
+                    response = await api.get(path, timeout=10)
+                except httpx.HTTPError:
+                    self.poll_errors += 1
+                else:
+                    now = time.time()
+                    if response.status_code == 200:
+                        value = response.json()["fields"].get("probe_seq", {}).get("value")
+                        newest = int(value) if value is not None else 0
+                        # Probes reach the store in order: up to the newest, all are visible.
+                        for sequence in range(newest_seen + 1, newest + 1):
+                            self.visible_at.setdefault(sequence, now)
+                        newest_seen = max(newest_seen, newest)
+            await asyncio.sleep(self.poll_interval)
+
+    def latencies_ms(self, start: float, stop: float) -> list[float]:
+        return [
+            (self.visible_at[sequence] - sent) * 1000
+            for sequence, sent in self.sent_at.items()
+            if start <= sent <= stop and sequence in self.visible_at
+        ]
+
+    def summary(self, start: float, stop: float) -> dict[str, Any]:
+        latencies = self.latencies_ms(start, stop)
+        sent = [s for s, at in self.sent_at.items() if start <= at <= stop]
+        return {
+            "p50_ms": round_or_none(percentile(latencies, 0.50)),
+            "p99_ms": round_or_none(percentile(latencies, 0.99)),
+            "max_ms": round_or_none(max(latencies) if latencies else None),
+            "samples": len(latencies),
+            "probes_sent": len(sent),
+            "never_visible": sum(1 for s in sent if s not in self.visible_at),
+            "probe_interval_s": self.interval,
+            "poll_interval_s": self.poll_interval,
+            "polls": self.polls,
+            "poll_errors": self.poll_errors,
+        }
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+def app_environment(args: argparse.Namespace, services: Services, workdir: Path) -> dict[str, str]:
+    # Only what the harness sets: a developer's own IOTMETER_* must not leak into the run.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("IOTMETER_")}
+    env.update(
+        {
+            "IOTMETER_DATABASE_URL": services.database_url,
+            "IOTMETER_DATABASE_AUTO_MIGRATE": "false",
+            "IOTMETER_MQTT_URL": services.mqtt_url,
+            "IOTMETER_MQTT_CLIENT_ID": f"iotmeter-bench-{uuid.uuid4().hex[:8]}",
+            "IOTMETER_MQTT_MAX_INFLIGHT": "1000",
+            "IOTMETER_SPOOL_DIR": str(workdir / "spool"),
+            "IOTMETER_ARCHIVE_DIR": str(workdir / "archive"),
+            "IOTMETER_ARCHIVE_LAYOUT": args.archive_layout,
+            "IOTMETER_COLLECTOR_ENABLED": "true",
+            "IOTMETER_SIMULATOR_ENABLED": "false",
+            "IOTMETER_LOG_LEVEL": args.app_log_level,
+        }
+    )
+    if services.s3 is not None:
+        env.update(
+            {
+                "IOTMETER_S3_ENDPOINT_URL": services.s3["endpoint"],
+                "IOTMETER_S3_ACCESS_KEY": services.s3["access_key"],
+                "IOTMETER_S3_SECRET_KEY": services.s3["secret_key"],
+                "IOTMETER_S3_BUCKET": services.s3["bucket"],
+            }
+        )
+    if services.influx is not None:
+        env.update(
+            {
+                "IOTMETER_INFLUX_URL": services.influx["url"],
+                "IOTMETER_INFLUX_TOKEN": services.influx["token"],
+                "IOTMETER_INFLUX_ORG": services.influx["org"],
+                "IOTMETER_INFLUX_BUCKET": services.influx["bucket"],
+            }
+        )
+    for assignment in args.app_env:
+        name, _, value = assignment.partition("=")
+        if not name.startswith("IOTMETER_"):
+            raise HarnessError(f"--app-env {assignment!r}: expected IOTMETER_NAME=value")
+        env[name] = value
+    return env
+
+
+async def export_app_source(ref: str, workdir: Path) -> Path:
+    """The app's code at a git revision (`git archive`), so that edits in progress in the
+    working tree do not change what is measured; returns the folder to put on PYTHONPATH."""
+    target = workdir / "app-source"
+    target.mkdir()
+    archive = await asyncio.create_subprocess_exec(
+        "git",
+        "-C",
+        str(ROOT),
+        "archive",
+        "--format=tar",
+        ref,
+        "src",
+        "migrations",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    tar, error = await asyncio.wait_for(archive.communicate(), 60)
+    if archive.returncode != 0:
+        raise HarnessError(f"git archive {ref}: {error.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=io.BytesIO(tar)) as bundle:
+        bundle.extractall(target, filter="data")
+    return target / "src"
+
+
+async def inspect_app(run: Run, env: dict[str, str]) -> dict[str, Any]:
+    worker = await Worker.start("inspect", "inspect", [], run.workdir, 60, env)
+    final = await worker.wait_done(60)
+    return {
+        "version": final["version"],
+        "source": final["source"],
+        "archive_layout_setting": final["archive_layout_setting"],
+    }
+
+
+async def migrate(env: dict[str, str], workdir: Path) -> None:
+    """`iotmeter migrate`, with the app's own code and settings."""
+    log = workdir / "migrate.log"
+    with log.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "iotmeter",
+            "migrate",
+            env=env,
+            cwd=workdir,
+            stdout=output,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        await asyncio.wait_for(process.wait(), 120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+    if process.returncode != 0:
+        raise HarnessError(f"iotmeter migrate failed ({process.returncode}):\n{tail(log)}")
+
+
+@dataclass
+class App:
+    process: asyncio.subprocess.Process
+    port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def failure(self, what: str) -> HarnessError:
+        return HarnessError(f"iotmeter {what}; the end of its log ({self.log}):\n{tail(self.log)}")
+
+
+async def start_app(env: dict[str, str], workdir: Path, stack: AsyncExitStack) -> App:
+    port = free_port()
+    log = workdir / "iotmeter.log"
+    with log.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "iotmeter",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            env=env,
+            cwd=workdir,
+            stdout=output,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    app = App(process, port, log)
+    stack.push_async_callback(stop_app, app)
+    deadline = time.monotonic() + 90
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=5) as client:
+        while True:
+            if process.returncode is not None:
+                raise app.failure(f"exited with {process.returncode} while starting")
+            with contextlib.suppress(httpx.HTTPError):
+                response = await client.get("/ready")
+                if response.status_code == 200:
+                    return app
+            if time.monotonic() > deadline:
+                raise app.failure("was not ready (GET /ready) within 90 s")
+            await asyncio.sleep(0.2)
+
+
+async def stop_app(app: App) -> str:
+    """SIGTERM, as a service manager would; uvicorn shuts down, then re-raises the signal."""
+    if app.process.returncode is not None:
+        return f"had exited with {app.process.returncode}"
+    app.process.terminate()
+    try:
+        await asyncio.wait_for(app.process.wait(), 30)
+    except TimeoutError:
+        app.process.kill()
+        await app.process.wait()
+        return "killed: no exit within 30 s of SIGTERM"
+    return (
+        "graceful"
+        if app.process.returncode in (0, -signal.SIGTERM)
+        else (f"exited with {app.process.returncode}")
+    )
+
+
+async def count_stored_rows(database_url: str, since_us: int) -> int:
+    """Bench messages in the SQL time-series store (one `temperature` row each, keyed by
+    device and time, so a redelivered duplicate is one row)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    scheme, _, rest = database_url.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        scheme = "postgresql+asyncpg"
+    elif scheme == "sqlite":
+        scheme = "sqlite+aiosqlite"
+    engine = create_async_engine(f"{scheme}://{rest}")
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(
+                text(
+                    "SELECT count(*) FROM telemetry WHERE field = 'temperature' "
+                    "AND epoch_us >= :since AND device_id LIKE 'bench-%'"
+                ),
+                {"since": since_us},
+            )
+            return int(result.scalar_one())
+    finally:
+        await engine.dispose()
+
+
+# --- profiling ---------------------------------------------------------------------------------
+
+
+def py_spy_path() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+async def profile_app(
+    pid: int, seconds: float, output: Path, start_at: float, meter: Meter
+) -> dict[str, Any]:
+    binary = py_spy_path()
+    if binary is None:
+        return {"error": "py-spy not installed: pip install py-spy (it is in the dev extra)"}
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    log = output.with_suffix(".log")
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            f"{seconds:.0f}",
+            "--rate",
+            "100",
+            "--nonblocking",
+            "--format",
+            "speedscope",
+            "--output",
+            str(output),
+            stdout=stderr,
+            stderr=stderr,
+        )
+    meter.add("profiler", process.pid)
+    try:
+        await asyncio.wait_for(process.wait(), seconds + 60)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+    if process.returncode != 0 or not output.exists():
+        return {"error": f"py-spy exited with {process.returncode}: {tail(log, 5)}"}
+    return summarise_profile(output, seconds)
+
+
+def short_file(path: str) -> str:
+    for marker in ("site-packages/", "/src/", "/lib/python3"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+STACK_ROOT_FILES = (
+    "<frozen runpy>",
+    "/threading.py",
+    "/concurrent/futures/thread.py",
+    "/asyncio/runners.py",
+    "/asyncio/events.py",
+    "/asyncio/base_events.py",
+    "uvicorn/main.py",
+    "uvicorn/server.py",
+    "uvicorn/_compat.py",
+)
+
+
+def summarise_profile(path: Path, seconds: float, top: int = 15) -> dict[str, Any]:
+    """Top functions by self and inclusive time, from py-spy's speedscope output (stacks root
+    first, leaf last, weights in seconds; idle samples are not recorded, so the shares are of
+    busy time). The event loop runs on the main thread; `asyncio.to_thread` work (file writes)
+    runs on the executor's threads, named uvloop_N or asyncio_N."""
+    document = json.loads(path.read_text())
+    frames = document["shared"]["frames"]
+    names = [f"{frame['name']} ({short_file(frame.get('file', ''))})" for frame in frames]
+    # Frames every stack passes through (interpreter start, uvicorn, the loop, thread pools)
+    # would top the inclusive ranking and say nothing.
+    is_root = [
+        any(part in frame.get("file", "") for part in STACK_ROOT_FILES)
+        or frame.get("file", "").endswith("iotmeter/__main__.py")
+        for frame in frames
+    ]
+    scopes: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+        "main_thread": ({}, {}),
+        "all_threads": ({}, {}),
+    }
+    busy_by_thread: dict[str, float] = {}
+    for profile in document["profiles"]:
+        thread = profile.get("name", "?")
+        weights = profile.get("weights") or [0.01] * len(profile["samples"])
+        in_scopes = [scopes["all_threads"]]
+        if '"MainThread"' in thread:
+            in_scopes.append(scopes["main_thread"])
+        for stack, weight in zip(profile["samples"], weights, strict=True):
+            if not stack:
+                continue
+            busy_by_thread[thread] = busy_by_thread.get(thread, 0.0) + weight
+            leaf = names[stack[-1]]
+            for self_time, inclusive in in_scopes:
+                self_time[leaf] = self_time.get(leaf, 0.0) + weight
+                for name in {names[index] for index in stack if not is_root[index]}:
+                    inclusive[name] = inclusive.get(name, 0.0) + weight
+
+    def ranked(counts: dict[str, float], busy: float) -> list[dict[str, Any]]:
+        best = sorted(counts.items(), key=lambda item: item[1], reverse=True)[:top]
+        return [
+            {"function": name, "seconds": round(value, 2), "percent": round(100 * value / busy, 1)}
+            for name, value in best
+        ]
+
+    result: dict[str, Any] = {
+        "file": str(path),
+        "seconds": seconds,
+        "rate_hz": 100,
+        # 100 % = the thread was busy (not waiting) the whole time.
+        "busy_percent_by_thread": {
+            name: round(100 * busy / seconds, 1)
+            for name, busy in sorted(busy_by_thread.items(), key=lambda item: -item[1])
+        },
+    }
+    for scope, (self_time, inclusive) in scopes.items():
+        busy = sum(self_time.values()) or 1.0
+        result[scope] = {
+            "busy_s": round(busy, 2),
+            "top_self": ranked(self_time, busy),
+            "top_inclusive": ranked(inclusive, busy),
+        }
+    return result
+
+
+# --- phases ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    workdir: Path
+    services: Services
+    meter: Meter
+    kill_after: float
+
+
+def publisher_options(run: Run, index: int) -> list[str]:
+    args = run.args
+    per_process = args.rate / args.publishers if args.rate else 0
+    return [
+        "--mqtt-url",
+        run.services.mqtt_url,
+        "--index",
+        str(index),
+        "--count",
+        str(args.publishers),
+        "--devices",
+        str(args.devices),
+        "--duration",
+        str(args.duration),
+        "--rate",
+        str(per_process),
+        "--ack-timeout",
+        str(args.ack_timeout),
+    ]
+
+
+async def start_publishers(run: Run, phase: str) -> list[Worker]:
+    publishers = [
+        await Worker.start(
+            f"{phase}-publisher-{index}",
+            "publish",
+            publisher_options(run, index),
+            run.workdir,
+            run.kill_after,
+        )
+        for index in range(run.args.publishers)
+    ]
+    for publisher in publishers:
+        run.meter.add("publishers", publisher.pid)
+    await asyncio.gather(*(publisher.wait_ready() for publisher in publishers))
+    return publishers
+
+
+def acked_series(publishers: Sequence[Worker]) -> list[list[tuple[float, float]]]:
+    return [series_of(publisher, "acked") for publisher in publishers]
+
+
+def summed_rate(
+    series: Sequence[Sequence[tuple[float, float]]], start: float, stop: float
+) -> float:
+    return sum(rate_between(one, start, stop) or 0.0 for one in series)
+
+
+async def drain(
+    consumed: Callable[[], Awaitable[int]], target: int, idle_s: float, timeout_s: float
+) -> tuple[str, float]:
+    """Wait until `consumed()` reaches `target` ("complete"), stops moving for `idle_s`
+    ("stalled": what is missing is lost) or `timeout_s` passes while it still moves
+    ("timeout": undecided). Returns how it ended and the seconds waited."""
+    started = time.monotonic()
+    last_value = await consumed()
+    last_change = started
+    while True:
+        now = time.monotonic()
+        if last_value >= target:
+            return "complete", now - started
+        if now - last_change > idle_s:
+            return "stalled", now - started
+        if now - started > timeout_s:
+            return "timeout", now - started
+        await asyncio.sleep(SAMPLE_INTERVAL_S)
+        value = await consumed()
+        if value != last_value:
+            last_value, last_change = value, time.monotonic()
+
+
+async def s3_put_phase(run: Run) -> dict[str, Any] | None:
+    """The object store's own small-PUT rate: what the per-message layout cannot beat."""
+    s3 = run.services.s3
+    seconds = run.args.s3_put_seconds
+    if seconds is None:
+        seconds = run.args.s3_put_default if run.services.owned_s3 else 0
+    if s3 is None or seconds <= 0:
+        return None
+    worker = await Worker.start(
+        "s3-put",
+        "s3-put",
+        [
+            "--endpoint",
+            s3["endpoint"],
+            "--bucket",
+            f"{s3['bucket']}-puts",
+            "--access-key",
+            s3["access_key"],
+            "--secret-key",
+            s3["secret_key"],
+            "--concurrency",
+            str(run.args.s3_put_concurrency),
+            "--duration",
+            str(seconds),
+        ],
+        run.workdir,
+        run.kill_after,
+    )
+    final = await worker.wait_done(seconds + 60)
+    # A fresh SeaweedFS grows its first volumes during the first seconds: leave them out.
+    series = series_of(worker, "puts")
+    steady = None
+    if series:
+        begin, end = series[0][0], series[-1][0]
+        steady = rate_between(series, begin + 0.2 * (end - begin), end)
+    return {
+        "puts_per_s": round(steady if steady is not None else final["puts_per_s"], 1),
+        "puts_per_s_whole_run": round(final["puts_per_s"], 1),
+        "puts": final["puts"],
+        "failures": final["failures"],
+        "seconds": round(final["seconds"], 2),
+        "concurrency": final["concurrency"],
+        "body_bytes": final["body_bytes"],
+        "client_cpu_percent": round(100 * final["cpu_s"] / final["seconds"], 1),
+    }
+
+
+async def ceiling_phase(run: Run) -> dict[str, Any]:
+    """The publishers' load into a bare aiomqtt subscriber that only counts: the ceiling."""
+    args = run.args
+    subscriber = await Worker.start(
+        "ceiling-subscriber",
+        "subscribe",
+        ["--mqtt-url", run.services.mqtt_url, "--timeout", str(run.kill_after)],
+        run.workdir,
+        run.kill_after,
+    )
+    run.meter.add("subscriber", subscriber.pid)
+    await subscriber.wait_ready()
+    publishers = await start_publishers(run, "ceiling")
+    sampler = Sampler(run.meter, None, None)
+    sampler.start()
+    probe = Probe(run.services.mqtt_url, args.probe_interval, args.poll_interval)
+    go = time.time() + 1.0
+    for publisher in publishers:
+        publisher.send(f"go {go}")
+    steady = (go + args.warmup, go + args.duration)
+    snapshot_task = asyncio.create_task(snapshots(*steady))
+    probe_task = asyncio.create_task(probe.publish(go, go + args.duration))
+    finals = [await p.wait_done(args.duration + args.ack_timeout + 30) for p in publishers]
+    await probe_task
+    acked = sum(final["acked"] for final in finals) + probe.acked
+
+    async def received() -> int:
+        return int(subscriber.progress[-1]["received"]) if subscriber.progress else 0
+
+    drained, drain_s = await drain(received, acked, args.drain_idle, args.drain_timeout)
+    subscriber.send("stop")
+    sub_final = await subscriber.wait_done(30)
+    await sampler.stop()
+    before, after = await snapshot_task
+    return {
+        "msg_per_s": round_or_none(rate_between(series_of(subscriber, "received"), *steady)),
+        "offered_msg_per_s": round(summed_rate(acked_series(publishers), *steady), 1),
+        "published": sum(final["published"] for final in finals) + len(probe.sent_at),
+        "acked": acked,
+        "received": sub_final["received"],
+        "drained": drained,
+        "drain_s": round(drain_s, 1),
+        "subscriber_loop": subscriber.info.get("loop"),
+        "cpu_percent": cpu_breakdown(sampler, *steady),
+        "top_outside_processes": top_outside(
+            before, after, steady[1] - steady[0], run.meter.known_pids()
+        ),
+    }
+
+
+async def snapshots(start: float, stop: float) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Every process's CPU at the start and at the end of the steady state."""
+    await asyncio.sleep(max(0.0, start - time.time()))
+    before = await asyncio.to_thread(process_snapshot)
+    await asyncio.sleep(max(0.0, stop - time.time()))
+    return before, await asyncio.to_thread(process_snapshot)
+
+
+def cpu_breakdown(sampler: Sampler, start: float, stop: float) -> dict[str, float | None]:
+    """Mean CPU % (100 = one core) of each group over the window, the whole machine's busy
+    CPU, and what neither the bench's processes nor PostgreSQL took (other work on the host)."""
+    groups = sorted({group for sample in sampler.samples for group in sample.cpu})
+    result = {group: round_or_none(sampler.cpu_percent(group, start, stop)) for group in groups}
+    ours = sum(value or 0.0 for group, value in result.items() if group not in MACHINE_KEYS)
+    busy = result.get("machine_busy")
+    kernel = (result.get("machine_irq") or 0.0) + (result.get("machine_steal") or 0.0)
+    result["outside_bench"] = None if busy is None else round(max(0.0, busy - ours - kernel), 1)
+    result["machine_capacity"] = 100.0 * (psutil.cpu_count() or 1)
+    return result
+
+
+async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str, Any]:
+    """The same load into iotmeter, with the latency probe and (optionally) a profile."""
+    args = run.args
+    run.meter.add("app", app.process.pid)
+    publishers = await start_publishers(run, "iotmeter")
+    sampler = Sampler(run.meter, app.process.pid, api)
+    sampler.start()
+    probe = Probe(run.services.mqtt_url, args.probe_interval, args.poll_interval)
+    stop_polling = asyncio.Event()
+    go = time.time() + 1.0
+    steady = (go + args.warmup, go + args.duration)
+    for publisher in publishers:
+        publisher.send(f"go {go}")
+    snapshot_task = asyncio.create_task(snapshots(*steady))
+    probe_task = asyncio.create_task(probe.publish(go, go + args.duration))
+    poll_task = asyncio.create_task(probe.poll(api, stop_polling))
+    profile_task = None
+    if args.profile:
+        seconds = min(args.profile, max(1.0, args.duration - args.warmup))
+        output = run.workdir / "profile.speedscope.json"
+        profile_task = asyncio.create_task(
+            profile_app(app.process.pid, seconds, output, steady[0], run.meter)
+        )
+    finals = [await p.wait_done(args.duration + args.ack_timeout + 30) for p in publishers]
+    await probe_task
+    acked = sum(final["acked"] for final in finals) + probe.acked
+    published = sum(final["published"] for final in finals) + len(probe.sent_at)
+
+    async def stored() -> int:
+        for sample in reversed(sampler.samples):
+            if sample.stored is not None:
+                return sample.stored
+        return 0
+
+    drained, drain_s = await drain(stored, acked, args.drain_idle, args.drain_timeout)
+    # The probes' last polls and the final counters, after the drain.
+    await asyncio.sleep(2 * max(args.poll_interval, SAMPLE_INTERVAL_S))
+    stop_polling.set()
+    await poll_task
+    last = await sampler.take()
+    await sampler.stop()
+    sampler.samples.append(last)
+    profile = await profile_task if profile_task is not None else None
+    before, after = await snapshot_task
+    final_stored = last.stored if last.stored is not None else await stored()
+    rows = None
+    if run.services.influx is None:
+        rows = await count_stored_rows(run.services.database_url, int((go - 5) * 1_000_000))
+    stored_series = sampler.series("stored")
+    rss = [sample.rss_mb for sample in sampler.samples if sample.rss_mb is not None]
+    spool = [sample.spool_depth for sample in sampler.samples if sample.spool_depth is not None]
+    bench_acked = acked - probe.acked
+    return {
+        "stored_msg_per_s": round_or_none(rate_between(stored_series, *steady)),
+        "received_msg_per_s": round_or_none(rate_between(sampler.series("received"), *steady)),
+        "offered_msg_per_s": round(summed_rate(acked_series(publishers), *steady), 1),
+        "published": published,
+        "acked": acked,
+        "stored": final_stored,
+        "received": last.received,
+        "rejected": last.rejected,
+        # Only a finished drain decides: after a timeout the rest may still be on its way.
+        "loss": None if drained == "timeout" else max(0, acked - final_stored),
+        "pending_at_timeout": acked - final_stored if drained == "timeout" else None,
+        "duplicates": max(0, final_stored - acked),
+        "drained": drained,
+        "drain_s": round(drain_s, 1),
+        "sql_rows_check": None
+        if rows is None
+        else {"bench_messages_acked": bench_acked, "rows": rows, "missing": bench_acked - rows},
+        "latency": probe.summary(*steady),
+        "latency_all_probes": probe.summary(go, go + args.duration),
+        "app_cpu_percent": round_or_none(sampler.cpu_percent("app", *steady)),
+        "app_rss_peak_mb": round_or_none(max(rss) if rss else None),
+        "app_rss_hwm_mb": round_or_none(peak_rss_mb(app.process.pid)),
+        "app_rss_end_mb": round_or_none(rss[-1] if rss else None),
+        "spool_depth_max": max(spool) if spool else None,
+        # Messages each sink still has to take from the spool when the drain ended: the
+        # registry sink (devices, last_seen) is not part of `stored`.
+        "spool_lag_by_sink_at_end": last.lag_by_sink,
+        "app_cpu_percent_drain": round_or_none(
+            sampler.cpu_percent("app", go + args.duration, last.t)
+        ),
+        "cpu_percent_drain": cpu_breakdown(sampler, go + args.duration, last.t),
+        "cpu_percent": cpu_breakdown(sampler, *steady),
+        "top_outside_processes": top_outside(
+            before, after, steady[1] - steady[0], run.meter.known_pids()
+        ),
+        "profile": profile,
+        "timeline": [
+            {
+                "t": round(sample.t - go, 2),
+                "stored": sample.stored,
+                "received": sample.received,
+                "spool_depth": sample.spool_depth,
+                "lag_by_sink": sample.lag_by_sink,
+                "rss_mb": round_or_none(sample.rss_mb),
+                "app_cpu_s": round_or_none(sample.cpu.get("app"), 2),
+            }
+            for sample in sampler.samples
+        ],
+    }
+
+
+async def http_phase(
+    run: Run,
+    app: App,
+    endpoint: str,
+    *,
+    devices: int,
+    concurrency: int,
+    rate: float,
+    duration: float,
+    profile: float = 0,
+) -> dict[str, Any]:
+    """One endpoint under load from client processes; app and client CPU alongside, and a
+    py-spy profile of the app when asked."""
+    clients = run.args.api_open_processes if rate else run.args.api_processes
+    client_kind = run.args.api_open_client if rate else run.args.api_client
+    workers = []
+    for index in range(clients):
+        options = [
+            "--base-url",
+            app.base_url,
+            "--endpoint",
+            endpoint,
+            "--devices",
+            str(devices),
+            "--duration",
+            str(duration),
+            "--concurrency",
+            str(max(1, concurrency // clients)),
+            "--rate",
+            str(rate / clients if rate else 0),
+            "--seed",
+            str(index + 1),
+            "--client",
+            client_kind,
+        ]
+        workers.append(
+            await Worker.start(
+                f"api-{endpoint}-{index}", "http", options, run.workdir, run.kill_after
+            )
+        )
+    await asyncio.gather(*(worker.wait_ready() for worker in workers))
+    sampler = Sampler(run.meter, app.process.pid, None)
+    before = await sampler.take()
+    go = time.time() + 0.5
+    for worker in workers:
+        worker.send(f"go {go}")
+    profile_task = None
+    if profile:
+        seconds = min(profile, max(1.0, duration - 1))
+        output = run.workdir / f"profile-{endpoint}-{int(rate)}.speedscope.json"
+        profile_task = asyncio.create_task(
+            profile_app(app.process.pid, seconds, output, go + 0.5, run.meter)
+        )
+    finals = [await worker.wait_done(duration + 60) for worker in workers]
+    after = await sampler.take()
+    profiled = await profile_task if profile_task is not None else None
+    latencies = [value for final in finals for value in final["latencies_ms"]]
+    seconds = max(final["seconds"] for final in finals)
+    statuses: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for final in finals:
+        for code, count in final["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + count
+        for name, count in final["errors"].items():
+            errors[name] = errors.get(name, 0) + count
+    elapsed = after.t - before.t
+    app_cpu = after.cpu.get("app", 0.0) - before.cpu.get("app", 0.0)
+    busy = after.cpu["machine_busy"] - before.cpu["machine_busy"]
+    return {
+        "mode": (f"open {rate:.0f}/s" if rate else f"closed, {concurrency} conc.")
+        + f", {clients} {client_kind}",
+        "requests_per_s": round(len(latencies) / seconds, 1),
+        "p50_ms": round_or_none(percentile(latencies, 0.50), 2),
+        "p99_ms": round_or_none(percentile(latencies, 0.99), 2),
+        "max_ms": round_or_none(max(latencies) if latencies else None, 2),
+        "ok": len(latencies),
+        "statuses": statuses,
+        "errors": errors,
+        "dropped": sum(final["dropped"] for final in finals),
+        "seconds": round(seconds, 2),
+        "app_cpu_percent": round(100 * app_cpu / elapsed, 1),
+        "machine_busy_percent": round(100 * busy / elapsed, 1),
+        "client_cpu_percent": round(100 * sum(f["cpu_s"] for f in finals) / seconds, 1),
+        "profile": profiled,
+        "client_processes": clients,
+        "client": client_kind,
+        "client_loop": finals[0].get("loop"),
+    }
+
+
+async def settle(app: App, device: str, within: float = 60.0) -> float:
+    """Wait until the app answers a device get quickly again: requests a client gave up on
+    may still hold the server (and its connection pool) after a test; the next test must not
+    pay for them. Returns the seconds waited."""
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as client:
+        quick_in_a_row = 0
+        while quick_in_a_row < 5 and time.monotonic() - started < within:
+            before = time.perf_counter()
+            try:
+                response = await client.get(f"/api/v1/devices/{device}")
+                quick = response.status_code == 200 and time.perf_counter() - before < 0.1
+            except httpx.HTTPError:
+                quick = False
+            quick_in_a_row = quick_in_a_row + 1 if quick else 0
+            await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def api_phase(run: Run, app: App) -> dict[str, Any]:
+    args = run.args
+    registered = max(args.devices, args.devices_registered)
+    results: dict[str, Any] = {}
+    for name, endpoint, devices in (
+        ("device_get", "device_get", registered),
+        ("device_list", "device_list", registered),
+        ("telemetry_1h_1m", "telemetry", args.devices),
+    ):
+        await settle(app, device_id(0))
+        results[name] = await http_phase(
+            run,
+            app,
+            endpoint,
+            devices=devices,
+            concurrency=args.api_concurrency,
+            rate=0,
+            duration=args.api_duration,
+            profile=args.profile_api,
+        )
+    if args.api_rate:
+        await settle(app, device_id(0))
+        results["device_get_open_loop"] = await http_phase(
+            run,
+            app,
+            "device_get",
+            devices=registered,
+            concurrency=args.api_concurrency,
+            rate=args.api_rate,
+            duration=args.api_duration,
+        )
+    return results
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def fmt(value: Any, spec: str = ",.0f", unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:{spec}}{unit}"
+
+
+def row(label: str, value: str) -> str:
+    return f"  {label:<46}{value:>22}"
+
+
+def render_table(summary: dict[str, Any]) -> str:
+    config = summary["config"]
+    machine = summary["machine"]
+    ingest = summary.get("iotmeter") or {}
+    ceiling = summary.get("ceiling") or {}
+    puts = summary.get("s3_put_ceiling")
+    latency = ingest.get("latency") or {}
+    offered = f"{config['rate']:,.0f} msg/s" if config["rate"] else "as fast as acked"
+    layout = config["archive_layout"]
+    if not (summary.get("app") or {}).get("archive_layout_setting", True):
+        layout += ", a setting the app ignores"
+    lines = [
+        f"iotmeter bench {summary['started_at']}; app "
+        + (
+            f"at git {summary['app_ref']} (--app-ref)"
+            if summary.get("app_ref")
+            else f"from the working tree (git {summary.get('git') or '?'})"
+        ),
+        f"  {config['devices']:,} devices, 4 readings/msg, QoS 1, {config['duration']:.0f} s "
+        f"({config['warmup']:.0f} s warm-up), {config['publishers']} publisher process(es), "
+        f"offered {offered}",
+        f"  archive {config['archive']} ({layout}), time series "
+        f"{'InfluxDB' if config['influx'] else 'SQL on PostgreSQL'}",
+        f"  {machine['cpus']} CPUs; load average {machine['load_average_start']} at start, "
+        f"{machine['load_average_end']} at end",
+        "",
+        row("ceiling: bare aiomqtt subscriber", fmt(ceiling.get("msg_per_s"), unit=" msg/s")),
+        row("iotmeter: stored in both sinks", fmt(ingest.get("stored_msg_per_s"), unit=" msg/s")),
+        row(
+            "iotmeter: received (spooled, acked to broker)",
+            fmt(ingest.get("received_msg_per_s"), unit=" msg/s"),
+        ),
+        row("ratio stored / ceiling", fmt(summary.get("ratio_stored_to_ceiling"), ".1%")),
+        row(
+            "offered (publisher acks) ceiling / iotmeter",
+            f"{fmt(ceiling.get('offered_msg_per_s'))} / "
+            f"{fmt(ingest.get('offered_msg_per_s'), unit=' msg/s')}",
+        ),
+    ]
+    if puts:
+        lines += [
+            row(
+                f"S3 small-PUT ceiling (concurrency {puts['concurrency']})",
+                fmt(puts["puts_per_s"], unit=" PUT/s"),
+            ),
+        ]
+        if config["archive_layout"] == "per-message":
+            lines.append(
+                row(
+                    "ratio stored / S3 PUT rate", fmt(summary.get("ratio_stored_to_s3_puts"), ".1%")
+                )
+            )
+    lines += [
+        row(
+            f"publish-to-queryable p50 / p99 (n={latency.get('samples', 0)})",
+            f"{fmt(latency.get('p50_ms'))} / {fmt(latency.get('p99_ms'), unit=' ms')}",
+        ),
+        row("app CPU, mean over the steady state", fmt(ingest.get("app_cpu_percent"), unit=" %")),
+        row(
+            "app peak RSS (sampled / kernel VmHWM)",
+            f"{fmt(ingest.get('app_rss_peak_mb'))} / "
+            f"{fmt(ingest.get('app_rss_hwm_mb'), unit=' MB')}",
+        ),
+        row(
+            "loss (acked - stored)",
+            fmt(ingest.get("loss"))
+            if ingest.get("drained") != "timeout"
+            else f"undecided: {ingest['pending_at_timeout']:,} pending",
+        ),
+        row("acked / stored", f"{fmt(ingest.get('acked'))} / {fmt(ingest.get('stored'))}"),
+        row(
+            "drain after the window",
+            f"{ingest.get('drained', '-')} after {fmt(ingest.get('drain_s'), '.1f', ' s')}",
+        ),
+    ]
+    lag = ingest.get("spool_lag_by_sink_at_end")
+    if lag:
+        lines.append(
+            row(
+                "spool lag by sink after the drain", ", ".join(f"{k} {v:,}" for k, v in lag.items())
+            )
+        )
+    rows = ingest.get("sql_rows_check")
+    if rows:
+        lines.append(row("SQL check: acked messages without rows", fmt(rows["missing"])))
+    cpu = ingest.get("cpu_percent") or {}
+    shown = [
+        f"{name} {value:.0f}" for name, value in cpu.items() if value and name != "machine_capacity"
+    ]
+    if shown:
+        lines.append(
+            f"  CPU % in the steady state (100 = one core; disk_busy: % of time): "
+            f"{', '.join(shown)}"
+        )
+    for entry in ingest.get("top_outside_processes") or []:
+        lines.append(f"    outside: {entry['cpu_percent']:.0f} %  {entry['command'][:90]}")
+    api = summary.get("api")
+    if api:
+        lines += [
+            "",
+            f"  {'API':<22}{'mode':<26}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+            f"{'dropped':>8}{'app CPU':>9}{'client CPU':>12}{'machine':>9}",
+        ]
+        for name, result in api.items():
+            failed = sum(result["errors"].values()) + sum(
+                count for code, count in result["statuses"].items() if code != "200"
+            )
+            lines.append(
+                f"  {name:<22}{result['mode']:<26}{fmt(result['requests_per_s']):>8}"
+                f"{fmt(result['p50_ms'], '.1f'):>9}{fmt(result['p99_ms'], '.1f'):>9}"
+                f"{failed:>8}{result['dropped']:>8}"
+                f"{fmt(result['app_cpu_percent'], '.0f', '%'):>9}"
+                f"{fmt(result['client_cpu_percent'], '.0f', '%'):>12}"
+                f"{fmt(result.get('machine_busy_percent'), '.0f', '%'):>9}"
+            )
+    for label, profile in profiles(summary):
+        lines += ["", *render_profile(label, profile)]
+    return "\n".join(lines)
+
+
+def profiles(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every py-spy profile of the run, labelled by the phase it was taken in."""
+    found = []
+    ingest_profile = (summary.get("iotmeter") or {}).get("profile")
+    if ingest_profile:
+        found.append(("ingest", ingest_profile))
+    for name, result in (summary.get("api") or {}).items():
+        if result.get("profile"):
+            found.append((f"api-{name}", result["profile"]))
+    return found
+
+
+def render_profile(label: str, profile: dict[str, Any]) -> list[str]:
+    if "main_thread" not in profile:
+        return [f"  py-spy ({label}): {profile.get('error')}"]
+    busy = ", ".join(
+        f"{name} {value}%" for name, value in profile["busy_percent_by_thread"].items()
+    )
+    lines = [f"  py-spy {label}, {profile['seconds']:.0f} s; busy: {busy}"]
+    for scope in ("main_thread", "all_threads"):
+        lines.append(f"  top self time, {scope.replace('_', ' ')}:")
+        lines += [
+            f"    {entry['percent']:5.1f} %  {entry['function']}"
+            for entry in profile[scope]["top_self"]
+        ]
+    return lines
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def time_budget(args: argparse.Namespace) -> float:
+    """An upper bound on the whole run: the harness gives up (and cleans up) after it."""
+    load = args.duration + args.ack_timeout + args.drain_timeout + 120
+    api = 4 * (args.api_duration + 90) if args.api else 0
+    puts = (args.s3_put_seconds or args.s3_put_default) + 90
+    return 300 + (load if args.ceiling else 0) + load + api + puts + (args.profile or 0)
+
+
+async def kill_workers() -> None:
+    await asyncio.gather(*(worker.kill() for worker in Worker.started))
+
+
+async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Path) -> None:
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(kill_workers)
+        services = await open_services(args, workdir, stack)
+        summary["services"] = services.describe
+        meter = Meter()
+        for group, pid in services.pids.items():
+            meter.add(group, pid)
+        meter.add("harness", os.getpid())
+        run = Run(args, workdir, services, meter, time_budget(args))
+        env = app_environment(args, services, workdir)
+        if args.app_ref:
+            env["PYTHONPATH"] = str(await export_app_source(args.app_ref, workdir))
+            summary["app_ref"] = git_revision(args.app_ref)
+        summary["app"] = await inspect_app(run, env)
+        await migrate(env, workdir)
+        summary["s3_put_ceiling"] = await s3_put_phase(run)
+        if args.ceiling:
+            print("ceiling phase: bare subscriber ...", file=sys.stderr, flush=True)
+            summary["ceiling"] = await ceiling_phase(run)
+        if args.devices_registered:
+            registration = await Worker.start(
+                "register",
+                "register",
+                [
+                    "--database-url",
+                    services.database_url,
+                    "--count",
+                    str(args.devices_registered),
+                ],
+                workdir,
+                run.kill_after,
+                env,
+            )
+            summary["registration_s"] = round((await registration.wait_done(600))["seconds"], 2)
+        app = await start_app(env, workdir, stack)
+        async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+            print("iotmeter phase ...", file=sys.stderr, flush=True)
+            summary["iotmeter"] = await iotmeter_phase(run, app, api)
+        if args.api:
+            print("API phase ...", file=sys.stderr, flush=True)
+            summary["api"] = await api_phase(run, app)
+        summary["app_rss_hwm_mb_end"] = round_or_none(peak_rss_mb(app.process.pid))
+        summary["app_stop"] = await stop_app(app)
+        summary["app_log_tail"] = tail(app.log, 20)
+
+
+def finish(summary: dict[str, Any]) -> None:
+    stored = (summary.get("iotmeter") or {}).get("stored_msg_per_s")
+    ceiling = (summary.get("ceiling") or {}).get("msg_per_s")
+    puts = (summary.get("s3_put_ceiling") or {}).get("puts_per_s")
+    summary["ratio_stored_to_ceiling"] = (
+        round(stored / ceiling, 4) if stored is not None and ceiling else None
+    )
+    summary["ratio_stored_to_s3_puts"] = round(stored / puts, 4) if stored and puts else None
+    summary["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    summary["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument("--devices", type=int, default=1000, help="publishing devices")
+    load.add_argument("--duration", type=float, default=60, help="seconds of publishing")
+    load.add_argument("--warmup", type=float, help="seconds excluded from the rates (20%%, ≤10)")
+    load.add_argument("--rate", type=float, default=0, help="total msg/s; 0: as fast as acked")
+    load.add_argument("--publishers", type=int, default=1, help="publisher processes")
+    load.add_argument("--ack-timeout", type=float, default=60)
+    load.add_argument(
+        "--drain-idle",
+        type=float,
+        default=15,
+        help="stop draining when stored has not moved for this long",
+    )
+    load.add_argument("--drain-timeout", type=float, default=300)
+    load.add_argument("--probe-interval", type=float, default=0.1)
+    load.add_argument("--poll-interval", type=float, default=0.02)
+    load.add_argument(
+        "--devices-registered", type=int, default=0, help="register N devices before the run"
+    )
+    load.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True)
+
+    app = parser.add_argument_group("iotmeter")
+    app.add_argument("--archive", choices=["s3", "local"], default="s3")
+    app.add_argument("--archive-layout", choices=["per-message", "segment"], default="per-message")
+    app.add_argument(
+        "--app-env",
+        action="append",
+        default=[],
+        metavar="IOTMETER_NAME=VALUE",
+        help="extra setting for the app (repeatable)",
+    )
+    app.add_argument("--app-log-level", default="WARNING")
+    app.add_argument(
+        "--app-ref",
+        metavar="GIT_REF",
+        help="run the app's code at this git revision (e.g. HEAD) instead of the working tree",
+    )
+    app.add_argument(
+        "--profile",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="py-spy the app for this long during the steady state",
+    )
+
+    api = parser.add_argument_group("API load")
+    api.add_argument("--api", action=argparse.BooleanOptionalAction, default=True)
+    api.add_argument("--api-concurrency", type=int, default=32)
+    api.add_argument("--api-duration", type=float, default=10)
+    api.add_argument("--api-rate", type=float, default=1000, help="open-loop device get req/s")
+    api.add_argument(
+        "--api-client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="HTTP client, closed loop. raw (default): keep-alive HTTP/1.1 with hand-written "
+        "framing, ~1/10 of httpx's CPU per request, so that on a small machine the client "
+        "does not take the app's CPU; httpx: httpx.AsyncClient",
+    )
+    api.add_argument("--api-processes", type=int, default=1, help="client processes, closed loop")
+    api.add_argument("--api-open-client", choices=["raw", "httpx"], default="raw")
+    api.add_argument(
+        "--profile-api",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="py-spy the app during each closed-loop API test",
+    )
+    api.add_argument(
+        "--api-open-processes", type=int, default=1, help="client processes, open loop"
+    )
+
+    services = parser.add_argument_group("services (default: started by the harness)")
+    services.add_argument("--mqtt-url")
+    services.add_argument("--database-url")
+    services.add_argument("--keep-database", action="store_true")
+    services.add_argument("--s3-endpoint")
+    services.add_argument("--s3-access-key")
+    services.add_argument("--s3-secret-key")
+    services.add_argument("--s3-bucket")
+    services.add_argument(
+        "--s3-put-seconds",
+        type=float,
+        help="S3 small-PUT ceiling phase (default 10 s on the own SeaweedFS, "
+        "off on a given endpoint)",
+    )
+    services.add_argument("--s3-put-concurrency", type=int, default=64)
+    services.add_argument("--influx-url")
+    services.add_argument("--influx-token")
+    services.add_argument("--influx-org", default="iot-org")
+    services.add_argument("--influx-bucket", default="iot-metrics")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", type=Path, help="summary path (default bench/results/...)")
+    output.add_argument("--keep-workdir", action="store_true", help="keep logs, spool, archive")
+    output.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI: 100 devices, 5 s at 500 msg/s, 2 s per API test at concurrency 8 (explicit "
+        "options still apply)",
+    )
+    return parser
+
+
+SMOKE_DEFAULTS: dict[str, Any] = {
+    "devices": 100,
+    "duration": 5.0,
+    "rate": 500.0,
+    "drain_timeout": 60.0,
+    "drain_idle": 10.0,
+    "api_duration": 2.0,
+    "api_concurrency": 8,
+    "api_rate": 100.0,
+    "s3_put_default": 2.0,
+}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    parser.set_defaults(s3_put_default=10.0)
+    if "--smoke" in argv:
+        # Smoke values replace the defaults only: options given explicitly still win.
+        parser.set_defaults(**SMOKE_DEFAULTS)
+    args = parser.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = min(10.0, args.duration * 0.2)
+    if args.warmup >= args.duration:
+        raise SystemExit("--warmup must be shorter than --duration")
+    if args.devices < args.publishers:
+        raise SystemExit("--devices must be at least --publishers")
+    return args
+
+
+async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    started = datetime.now(UTC)
+    summary: dict[str, Any] = {
+        "harness": "bench/harness.py",
+        "command": " ".join(["bench/harness.py", *argv]),
+        "started_at": started.isoformat(timespec="seconds"),
+        "git": git_revision(),
+        "machine": {
+            "cpus": psutil.cpu_count(),
+            "memory_mb": round(psutil.virtual_memory().total / MB),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "config": {
+            "devices": args.devices,
+            "devices_registered": args.devices_registered,
+            "duration": args.duration,
+            "warmup": args.warmup,
+            "rate": args.rate,
+            "publishers": args.publishers,
+            "readings_per_message": 4,
+            "qos": 1,
+            "archive": args.archive,
+            "archive_layout": args.archive_layout,
+            "influx": bool(args.influx_url),
+            "app_env": args.app_env,
+            "api_concurrency": args.api_concurrency,
+            "api_duration": args.api_duration,
+            "api_rate": args.api_rate,
+            "smoke": args.smoke,
+        },
+    }
+    path = args.json or RESULTS / (
+        f"{started:%Y%m%d-%H%M%S}-{args.archive_layout}-{args.archive}.json"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="iotmeter-bench-"))
+    status = 0
+    try:
+        async with asyncio.timeout(time_budget(args)):
+            await execute(args, summary, workdir)
+    except (HarnessError, TimeoutError) as exc:
+        summary["error"] = str(exc) or f"the run took longer than {time_budget(args):.0f} s"
+        status = 1
+    finally:
+        finish(summary)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for label, profile in profiles(summary):
+            if profile.get("file") and Path(profile["file"]).exists():
+                kept = path.with_suffix(f".{label}.speedscope.json")
+                shutil.copyfile(profile["file"], kept)
+                profile["file"] = str(kept)
+        path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        if args.keep_workdir:
+            print(f"work folder kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render_table(summary))
+    if "error" in summary:
+        print(f"\nERROR: {summary['error']}", file=sys.stderr)
+    print(f"\nsummary: {path}")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    return asyncio.run(main_async(args, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

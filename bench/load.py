@@ -1,0 +1,623 @@
+"""Load processes for bench/harness.py: MQTT publisher, bare subscriber, HTTP client, S3 PUTs.
+
+Each role runs as its own process (`python bench/load.py <role> [options]`) so that its CPU is
+its own and the GIL of one never slows another. A role prints one JSON object per line on
+stdout: `{"ready": true}` once connected, progress lines (`{"t": epoch_s, ...}`) every 0.5 s,
+then a final line with `"done": true`. Roles that start together wait for a line
+`go <epoch_s>` on stdin and start at that instant; the subscriber stops on a line `stop` (or when
+stdin closes). Every role is bounded in time (`--timeout`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+PROGRESS_INTERVAL_S = 0.5
+TOPIC_FILTER = "iot/+/telemetry"
+
+
+def emit(**fields: Any) -> None:
+    sys.stdout.write(orjson.dumps(fields).decode() + "\n")
+    sys.stdout.flush()
+
+
+def cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def device_id(index: int) -> str:
+    """The id of bench device `index`; the harness and every role agree on it."""
+    return f"bench-{index:05d}"
+
+
+def broker_address(url: str) -> tuple[str, int, str | None, str | None]:
+    parts = urlsplit(url)
+    return (
+        parts.hostname or "127.0.0.1",
+        parts.port or 1883,
+        unquote(parts.username) if parts.username else None,
+        unquote(parts.password) if parts.password else None,
+    )
+
+
+def wait_for_go() -> float:
+    """Block until the harness says `go <epoch_s>`; return that start time."""
+    line = sys.stdin.readline().split()
+    if len(line) != 2 or line[0] != "go":
+        raise SystemExit(f"expected 'go <epoch_s>' on stdin, got {line!r}")
+    return float(line[1])
+
+
+def sleep_until(instant: float) -> None:
+    delay = instant - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def telemetry_payload(sequence: int, message_id: str, sent_us: int) -> bytes:
+    """One message: publish time in `ts` (epoch microseconds), four readings."""
+    return orjson.dumps(
+        {
+            "ts": sent_us,
+            "seq": sequence,
+            "msg_id": message_id,
+            "type": "bench",
+            "metrics": {
+                "temperature": 20.0 + (sequence % 50) / 10,
+                "humidity": 40.0 + (sequence % 30) / 10,
+                "voltage": 230.0 + (sequence % 7) / 10,
+                "power": 100.0 + (sequence % 13),
+            },
+        }
+    )
+
+
+# --- publisher -------------------------------------------------------------------------------
+
+
+def run_publisher(args: argparse.Namespace) -> None:
+    """Publish QoS 1 telemetry for this process's share of the devices until the end time.
+
+    Devices are dealt round-robin over the publisher processes (device d belongs to process
+    d % count). `--rate 0` publishes as fast as the broker acknowledges, with at most
+    `--window` messages published but not yet acknowledged, so paho's queue stays bounded.
+    """
+    import paho.mqtt.client as mqtt
+
+    host, port, username, password = broker_address(args.mqtt_url)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"bench-pub-{args.index}-{uuid.uuid4().hex[:8]}",
+        clean_session=True,
+    )
+    if username:
+        client.username_pw_set(username, password)
+    client.max_inflight_messages_set(args.inflight)
+    client.max_queued_messages_set(0)
+    acked = 0
+    connected = threading.Event()
+
+    def on_connect(*_args: Any) -> None:
+        connected.set()
+
+    def on_publish(*_args: Any) -> None:
+        nonlocal acked
+        acked += 1
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.connect(host, port, keepalive=60)
+    client.loop_start()
+    if not connected.wait(15):
+        raise SystemExit(f"publisher {args.index}: no CONNACK from {host}:{port} in 15 s")
+    indexes = range(args.index, args.devices, args.count)
+    topics = [f"iot/{device_id(d)}/telemetry" for d in indexes]
+    if not topics:
+        raise SystemExit(f"publisher {args.index}: no devices (devices={args.devices})")
+    emit(ready=True)
+    start = wait_for_go()
+    end = start + args.duration
+    sleep_until(start)
+    cpu_start = cpu_seconds()
+    published = 0
+    next_progress = start + PROGRESS_INTERVAL_S
+    rate = args.rate
+    first_publish = last_publish = None
+    device_count = len(topics)
+    prefix = f"p{args.index}-"
+    while True:
+        now = time.time()
+        if now >= end:
+            break
+        if now >= next_progress:
+            emit(t=now, published=published, acked=acked)
+            next_progress += PROGRESS_INTERVAL_S
+        if rate > 0:
+            due = int((now - start) * rate) + 1
+            if published >= due:
+                time.sleep(min(0.002, (published + 1) / rate - (now - start)))
+                continue
+            burst = min(due - published, 200)
+        else:
+            if published - acked >= args.window:
+                time.sleep(0.0005)
+                continue
+            burst = min(args.window - (published - acked), 200)
+        for _ in range(burst):
+            slot = published % device_count
+            sequence = published // device_count
+            client.publish(
+                topics[slot],
+                telemetry_payload(sequence, prefix + str(published), time.time_ns() // 1000),
+                qos=1,
+            )
+            published += 1
+        if first_publish is None:
+            first_publish = now
+        last_publish = time.time()
+    publish_cpu = cpu_seconds() - cpu_start
+    deadline = time.time() + args.ack_timeout
+    while acked < published and time.time() < deadline:
+        if time.time() >= next_progress:
+            emit(t=time.time(), published=published, acked=acked)
+            next_progress += PROGRESS_INTERVAL_S
+        time.sleep(0.01)
+    emit(t=time.time(), published=published, acked=acked)
+    client.disconnect()
+    client.loop_stop()
+    emit(
+        done=True,
+        published=published,
+        acked=acked,
+        first_publish=first_publish,
+        last_publish=last_publish,
+        publish_cpu_s=publish_cpu,
+        devices=device_count,
+    )
+
+
+# --- bare subscriber (the ceiling) -----------------------------------------------------------
+
+
+def use_fast_loop() -> str:
+    """Run on uvloop when installed (as uvicorn, and so the app, does); return the loop's name."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def _stdin_says_stop() -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line or line.strip() == "stop":
+            return
+
+
+async def run_subscriber(args: argparse.Namespace, loop_name: str) -> None:
+    """Receive QoS 1 messages and count them: nothing else, the most a Python client does."""
+    import aiomqtt
+
+    host, port, username, password = broker_address(args.mqtt_url)
+    received = 0
+    started = time.time()
+    async with aiomqtt.Client(
+        host,
+        port,
+        username=username,
+        password=password,
+        identifier=f"bench-ceiling-{uuid.uuid4().hex[:8]}",
+        clean_session=True,
+        keepalive=60,
+    ) as client:
+        await client.subscribe(TOPIC_FILTER, qos=1)
+        emit(ready=True, loop=loop_name)
+
+        async def receive() -> None:
+            nonlocal received
+            async for _message in client.messages:
+                received += 1
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(PROGRESS_INTERVAL_S)
+                emit(t=time.time(), received=received)
+
+        cpu_start = cpu_seconds()
+        tasks = [asyncio.create_task(receive()), asyncio.create_task(progress())]
+        stopper = asyncio.create_task(_stdin_says_stop())
+        await asyncio.wait([stopper, tasks[0]], timeout=args.timeout, return_when="FIRST_COMPLETED")
+        for task in [*tasks, stopper]:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        emit(t=time.time(), received=received)
+        emit(
+            done=True,
+            received=received,
+            cpu_s=cpu_seconds() - cpu_start,
+            seconds=time.time() - started,
+            loop=loop_name,
+        )
+
+
+# --- HTTP client -----------------------------------------------------------------------------
+
+ENDPOINTS: dict[str, Callable[[random.Random, int], str]] = {
+    "device_get": lambda rng, n: f"/api/v1/devices/{device_id(rng.randrange(n))}",
+    "device_list": lambda _rng, _n: "/api/v1/devices?limit=50",
+    "telemetry": lambda rng, n: (
+        f"/api/v1/devices/{device_id(rng.randrange(n))}/telemetry?start=-1h&every=1m"
+    ),
+}
+
+
+class RequestFailed(Exception):
+    """A request got no HTTP answer; the message names why (timeout, connection reset...)."""
+
+
+class HttpxGetter:
+    """GET through httpx.AsyncClient (the reference client)."""
+
+    def __init__(self, base_url: str, connections: int, timeout: float) -> None:
+        import httpx
+
+        self.httpx = httpx
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.client = httpx.AsyncClient(
+            base_url=base_url, limits=limits, timeout=httpx.Timeout(timeout)
+        )
+
+    async def get(self, path: str) -> int:
+        try:
+            response = await self.client.get(path)
+        except self.httpx.HTTPError as exc:
+            raise RequestFailed(type(exc).__name__) from exc
+        return response.status_code
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class RawGetter:
+    """GET over a fixed pool of keep-alive HTTP/1.1 connections with hand-written framing:
+    a fraction of httpx's CPU per request, for loads where the client would be the limit."""
+
+    def __init__(self, base_url: str, connections: int, timeout: float) -> None:
+        parts = urlsplit(base_url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.size = connections
+        self.timeout = timeout
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = (
+            asyncio.Queue()
+        )
+        for _ in range(connections):
+            self.idle.put_nowait(None)  # opened on first use
+
+    async def _request(
+        self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], path: str
+    ) -> int:
+        reader, writer = connection
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\nAccept: application/json\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            raise RequestFailed("no Content-Length (chunked answers are not supported)")
+        await reader.readexactly(length)
+        return status
+
+    async def get(self, path: str) -> int:
+        connection = await self.idle.get()
+        try:
+            if connection is None:
+                connection = await asyncio.open_connection(self.host, self.port)
+            status = await asyncio.wait_for(self._request(connection, path), self.timeout)
+        except (
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+        ) as exc:
+            if connection is not None:
+                connection[1].close()
+            self.idle.put_nowait(None)
+            raise RequestFailed(type(exc).__name__) from exc
+        self.idle.put_nowait(connection)
+        return status
+
+    async def close(self) -> None:
+        while not self.idle.empty():
+            connection = self.idle.get_nowait()
+            if connection is not None:
+                connection[1].close()
+
+
+async def run_http(args: argparse.Namespace, loop_name: str) -> None:
+    """Closed loop (`--concurrency` workers back to back) or open loop (`--rate` requests/s,
+    latency counted from each request's scheduled time, so a slow server cannot hide queueing)."""
+    rng = random.Random(args.seed)
+    path_of = ENDPOINTS[args.endpoint]
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    # Open loop: requests beyond the connections wait for one, and that wait counts in their
+    # latency (measured from the scheduled time).
+    connections = max(args.concurrency, 1) if args.rate == 0 else args.connections
+    kind = HttpxGetter if args.client == "httpx" else RawGetter
+    client = kind(args.base_url, connections, args.request_timeout)
+    try:
+        # Open the connections before the clock starts.
+        await asyncio.gather(
+            *(client.get("/health") for _ in range(connections)), return_exceptions=True
+        )
+        emit(ready=True, loop=loop_name, client=args.client)
+        start = await asyncio.get_running_loop().run_in_executor(None, wait_for_go)
+        await asyncio.sleep(max(0.0, start - time.time()))
+        cpu_start = cpu_seconds()
+        begin = time.perf_counter()
+        end = begin + args.duration
+
+        async def one(scheduled: float) -> None:
+            try:
+                status = await client.get(path_of(rng, args.devices))
+            except RequestFailed as exc:
+                errors[str(exc)] = errors.get(str(exc), 0) + 1
+                return
+            done = time.perf_counter()
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+            if status == 200:
+                latencies.append((done - scheduled) * 1000)
+
+        dropped = 0
+        if args.rate == 0:
+
+            async def worker() -> None:
+                while time.perf_counter() < end:
+                    await one(time.perf_counter())
+
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        else:
+            interval = 1.0 / args.rate
+            pending: set[asyncio.Task[None]] = set()
+            sent = 0
+            while True:
+                scheduled = begin + sent * interval
+                if scheduled >= end:
+                    break
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent += 1
+                if len(pending) >= args.max_outstanding:
+                    dropped += 1
+                    continue
+                task = asyncio.create_task(one(scheduled))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.wait(pending, timeout=args.request_timeout)
+        elapsed = time.perf_counter() - begin
+        cpu = cpu_seconds() - cpu_start
+    finally:
+        await client.close()
+    emit(
+        done=True,
+        endpoint=args.endpoint,
+        seconds=elapsed,
+        latencies_ms=[round(value, 3) for value in latencies],
+        statuses=statuses,
+        errors=errors,
+        dropped=dropped,
+        cpu_s=cpu,
+        loop=loop_name,
+        client=args.client,
+    )
+
+
+# --- S3 small-PUT ceiling ----------------------------------------------------------------------
+
+
+async def run_s3_puts(args: argparse.Namespace, loop_name: str) -> None:
+    """PutObject of ~200 B bodies at a fixed concurrency: the object store's own small-PUT rate."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    config = AioConfig(
+        s3={"addressing_style": "path"},
+        max_pool_connections=args.concurrency,
+        request_checksum_calculation="when_required",
+    )
+    body = telemetry_payload(1, "x" * 16, time.time_ns() // 1000).ljust(args.body_bytes, b" ")
+    async with get_session().create_client(
+        "s3",
+        endpoint_url=args.endpoint,
+        region_name=args.region,
+        aws_access_key_id=args.access_key,
+        aws_secret_access_key=args.secret_key,
+        config=config,
+    ) as client:
+        with contextlib.suppress(Exception):
+            await client.create_bucket(Bucket=args.bucket)
+        await client.put_object(Bucket=args.bucket, Key="warm-up", Body=b"{}")  # first-PUT cost
+        puts = 0
+        failures = 0
+        cpu_start = cpu_seconds()
+        begin = time.perf_counter()
+        end = begin + args.duration
+
+        async def worker(number: int) -> None:
+            nonlocal puts, failures
+            sequence = 0
+            while time.perf_counter() < end:
+                key = f"{device_id(number % 1000)}/{time.time_ns()}-{number}-{sequence}.json"
+                sequence += 1
+                try:
+                    await client.put_object(
+                        Bucket=args.bucket, Key=key, Body=body, ContentType="application/json"
+                    )
+                except Exception:
+                    failures += 1
+                else:
+                    puts += 1
+
+        async def progress() -> None:
+            while True:
+                emit(t=time.time(), puts=puts)
+                await asyncio.sleep(PROGRESS_INTERVAL_S)
+
+        reporter = asyncio.create_task(progress())
+        await asyncio.gather(*(worker(number) for number in range(args.concurrency)))
+        reporter.cancel()
+        emit(t=time.time(), puts=puts)
+        elapsed = time.perf_counter() - begin
+        emit(
+            done=True,
+            puts=puts,
+            failures=failures,
+            seconds=elapsed,
+            puts_per_s=puts / elapsed,
+            body_bytes=len(body),
+            concurrency=args.concurrency,
+            cpu_s=cpu_seconds() - cpu_start,
+            loop=loop_name,
+        )
+
+
+# --- app-side helpers (run with the app's code and environment) -------------------------------
+
+
+async def run_register(args: argparse.Namespace, _loop_name: str) -> None:
+    """Register bench devices 0..count-1 through the registry's own repository."""
+    from iotmeter.db.engine import Database, build_engine
+    from iotmeter.repositories.devices import DeviceRepository
+
+    started = time.perf_counter()
+    database = Database(build_engine(args.database_url))
+    try:
+        for first in range(0, args.count, 1000):
+            batch = {device_id(n): "bench" for n in range(first, min(first + 1000, args.count))}
+            async with database.transaction() as session:
+                await DeviceRepository(session).register_missing(batch)
+    finally:
+        await database.close()
+    emit(done=True, registered=args.count, seconds=time.perf_counter() - started)
+
+
+async def run_inspect(_args: argparse.Namespace, _loop_name: str) -> None:
+    """Which iotmeter the app runs, and whether it knows the settings the harness passes."""
+    import iotmeter
+    from iotmeter.config import Settings
+
+    emit(
+        done=True,
+        version=iotmeter.__version__,
+        source=str(Path(iotmeter.__file__).parent),
+        archive_layout_setting=("archive_layout" in Settings.model_fields),
+    )
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--kill-after", type=float, default=900, help="exit after this many seconds, whatever"
+    )
+    roles = parser.add_subparsers(dest="role", required=True)
+
+    publisher = roles.add_parser("publish")
+    publisher.add_argument("--mqtt-url", required=True)
+    publisher.add_argument("--index", type=int, default=0)
+    publisher.add_argument("--count", type=int, default=1)
+    publisher.add_argument("--devices", type=int, default=1000)
+    publisher.add_argument("--duration", type=float, default=60)
+    publisher.add_argument("--rate", type=float, default=0, help="msg/s, 0: as fast as acked")
+    publisher.add_argument("--inflight", type=int, default=1000)
+    publisher.add_argument("--window", type=int, default=5000)
+    publisher.add_argument("--ack-timeout", type=float, default=60)
+
+    subscriber = roles.add_parser("subscribe")
+    subscriber.add_argument("--mqtt-url", required=True)
+    subscriber.add_argument("--timeout", type=float, default=600)
+
+    http = roles.add_parser("http")
+    http.add_argument("--base-url", required=True)
+    http.add_argument("--endpoint", choices=sorted(ENDPOINTS), required=True)
+    http.add_argument("--devices", type=int, default=1000)
+    http.add_argument("--duration", type=float, default=10)
+    http.add_argument("--concurrency", type=int, default=32)
+    http.add_argument("--rate", type=float, default=0, help="open loop requests/s; 0: closed")
+    http.add_argument("--max-outstanding", type=int, default=2000)
+    http.add_argument("--connections", type=int, default=64, help="open loop: pool size")
+    http.add_argument("--request-timeout", type=float, default=10)
+    http.add_argument("--seed", type=int, default=1)
+    http.add_argument("--client", choices=["httpx", "raw"], default="httpx")
+
+    s3 = roles.add_parser("s3-put")
+    s3.add_argument("--endpoint", required=True)
+    s3.add_argument("--bucket", required=True)
+    s3.add_argument("--access-key", required=True)
+    s3.add_argument("--secret-key", required=True)
+    s3.add_argument("--region", default="us-east-1")
+    s3.add_argument("--concurrency", type=int, default=64)
+    s3.add_argument("--duration", type=float, default=10)
+    s3.add_argument("--body-bytes", type=int, default=200)
+
+    register = roles.add_parser("register")
+    register.add_argument("--database-url", required=True)
+    register.add_argument("--count", type=int, required=True)
+
+    roles.add_parser("inspect")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # A role must never outlive its harness, whatever it waits for: a hard bound in time.
+    watchdog = threading.Timer(args.kill_after, os._exit, args=(3,))
+    watchdog.daemon = True
+    watchdog.start()
+    if args.role == "publish":
+        run_publisher(args)
+        return
+    loop_name = use_fast_loop()
+    roles: dict[str, Callable[[argparse.Namespace, str], Coroutine[Any, Any, None]]] = {
+        "subscribe": run_subscriber,
+        "http": run_http,
+        "s3-put": run_s3_puts,
+        "register": run_register,
+        "inspect": run_inspect,
+    }
+    asyncio.run(roles[args.role](args, loop_name))
+
+
+if __name__ == "__main__":
+    main()
