@@ -54,6 +54,13 @@ async def empty_tables(url: str) -> None:
         await engine.dispose()
 
 
+@pytest.fixture
+async def empty_pg_url(pg_url: str) -> str:
+    """The run's PostgreSQL database with every table emptied first (test isolation)."""
+    await empty_tables(pg_url)
+    return pg_url
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def database_url(request: pytest.FixtureRequest, pg_url: str, sqlite_url: str) -> str:
     """Each test using this runs once on PostgreSQL and once on SQLite, on empty tables."""

@@ -18,11 +18,11 @@ from tests.fixtures.waiting import eventually
 
 
 async def test_postgresql_and_seaweedfs(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto, seaweedfs: SeaweedFS
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto, seaweedfs: SeaweedFS
 ) -> None:
     s3 = s3_settings(seaweedfs)
     settings = make_settings(
-        pg_url,
+        empty_pg_url,
         tmp_path,
         mqtt_url=mosquitto.url,
         mqtt_client_id="iotmeter-e2e-s3",
@@ -52,10 +52,12 @@ async def test_postgresql_and_seaweedfs(
     assert payload in stored.body
 
 
-async def test_influxdb_time_series(pg_url: str, tmp_path: Path, mosquitto: Mosquitto) -> None:
+async def test_influxdb_time_series(
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
     async with FakeInflux() as influx:
         settings = make_settings(
-            pg_url,
+            empty_pg_url,
             tmp_path,
             mqtt_url=mosquitto.url,
             mqtt_client_id="iotmeter-e2e-influx",

@@ -39,10 +39,10 @@ BAD: dict[str, tuple[str, bytes]] = {
 
 
 async def test_each_rejection_is_dead_lettered_counted_and_good_messages_stored(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     settings = make_settings(
-        pg_url,
+        empty_pg_url,
         tmp_path,
         mqtt_url=mosquitto.url,
         mqtt_client_id="iotmeter-rejections",
@@ -87,10 +87,10 @@ async def test_each_rejection_is_dead_lettered_counted_and_good_messages_stored(
 
 
 async def test_unknown_devices_are_refused_when_auto_registration_is_off(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     settings = make_settings(
-        pg_url,
+        empty_pg_url,
         tmp_path,
         mqtt_url=mosquitto.url,
         mqtt_client_id="iotmeter-no-auto",

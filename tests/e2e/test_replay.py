@@ -46,8 +46,8 @@ async def series(api: httpx.AsyncClient) -> Any:
     return response.json()["series"]
 
 
-async def delete_range(pg_url: str, start_ms: int, stop_ms: int) -> int:
-    connection = await asyncpg.connect(pg_url)
+async def delete_range(empty_pg_url: str, start_ms: int, stop_ms: int) -> int:
+    connection = await asyncpg.connect(empty_pg_url)
     try:
         status = await connection.execute(
             "DELETE FROM telemetry WHERE device_id = $1 AND epoch_us >= $2 AND epoch_us < $3",
@@ -61,7 +61,7 @@ async def delete_range(pg_url: str, start_ms: int, stop_ms: int) -> int:
 
 
 async def test_replay_restores_a_deleted_range_exactly(
-    pg_url: str,
+    empty_pg_url: str,
     tmp_path: Path,
     mosquitto: Mosquitto,
     seaweedfs: SeaweedFS,
@@ -70,7 +70,7 @@ async def test_replay_restores_a_deleted_range_exactly(
 ) -> None:
     s3 = s3_settings(seaweedfs)
     settings = make_settings(
-        pg_url,
+        empty_pg_url,
         tmp_path,
         mqtt_url=mosquitto.url,
         mqtt_client_id="iotmeter-replay",
@@ -89,8 +89,8 @@ async def test_replay_restores_a_deleted_range_exactly(
         assert sum(len(s["points"]) for s in before) == 124
 
         # Lose 20 s in the middle plus the batch, then replay a range around it.
-        deleted = await delete_range(pg_url, BASE_MS + 20_000, BASE_MS + 40_000)
-        deleted += await delete_range(pg_url, BASE_MS + 70_000, BASE_MS + 71_000)
+        deleted = await delete_range(empty_pg_url, BASE_MS + 20_000, BASE_MS + 40_000)
+        deleted += await delete_range(empty_pg_url, BASE_MS + 70_000, BASE_MS + 71_000)
         assert deleted == 2 * 20 + 2 * 2
         assert await series(api) != before
 
@@ -110,9 +110,9 @@ async def test_replay_restores_a_deleted_range_exactly(
         assert await series(api) == before
 
         # The CLI does the same.
-        await delete_range(pg_url, BASE_MS, BASE_MS + 10_000)
+        await delete_range(empty_pg_url, BASE_MS, BASE_MS + 10_000)
         for name, value in {
-            "IOTMETER_DATABASE_URL": pg_url,
+            "IOTMETER_DATABASE_URL": empty_pg_url,
             "IOTMETER_S3_ENDPOINT_URL": s3["s3_endpoint_url"],
             "IOTMETER_S3_ACCESS_KEY": s3["s3_access_key"],
             "IOTMETER_S3_SECRET_KEY": s3["s3_secret_key"],

@@ -62,10 +62,12 @@ async def all_raw(api: Any, device: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("compress", [False, True])
 async def test_segments_hold_every_message_once_and_read_back_like_messages(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto, seaweedfs: SeaweedFS, compress: bool
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto, seaweedfs: SeaweedFS, compress: bool
 ) -> None:
     s3 = s3_settings(seaweedfs)
-    settings = segment_settings(pg_url, tmp_path, mosquitto, archive_segment_gzip=compress, **s3)
+    settings = segment_settings(
+        empty_pg_url, tmp_path, mosquitto, archive_segment_gzip=compress, **s3
+    )
     sent = messages("seg-1", 150) + messages("seg-2", 30)
     async with start_app(settings) as api:
         publish(mosquitto.port, sent)
@@ -96,9 +98,9 @@ async def test_segments_hold_every_message_once_and_read_back_like_messages(
 
 
 async def test_unwritten_segments_are_rebuilt_from_the_spool_after_a_stop(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    slow = segment_settings(pg_url, tmp_path, mosquitto, archive_segment_max_age_s=3600)
+    slow = segment_settings(empty_pg_url, tmp_path, mosquitto, archive_segment_max_age_s=3600)
     async with start_app(slow) as api:
         publish(mosquitto.port, messages("seg-3", 60))
         stats = await eventually(
@@ -113,7 +115,7 @@ async def test_unwritten_segments_are_rebuilt_from_the_spool_after_a_stop(
         assert stats.json()["spool"]["lag_by_sink"]["archive"] == 60
         assert await all_raw(api, "seg-3") == []
     # Stopped with open segments (as a crash would); the spool still has them.
-    fast = segment_settings(pg_url, tmp_path, mosquitto, archive_segment_max_age_s=0.2)
+    fast = segment_settings(empty_pg_url, tmp_path, mosquitto, archive_segment_max_age_s=0.2)
     async with start_app(fast) as api:
         items = await eventually(
             lambda: all_raw(api, "seg-3"),
@@ -125,8 +127,10 @@ async def test_unwritten_segments_are_rebuilt_from_the_spool_after_a_stop(
         assert all(path.suffix == ".ndjson" for path in archive.iterdir())
 
 
-async def test_replay_reads_segments(pg_url: str, tmp_path: Path, mosquitto: Mosquitto) -> None:
-    async with start_app(segment_settings(pg_url, tmp_path, mosquitto)) as api:
+async def test_replay_reads_segments(
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    async with start_app(segment_settings(empty_pg_url, tmp_path, mosquitto)) as api:
         publish(mosquitto.port, messages("seg-4", 25))
         await eventually(
             lambda: api.get("/api/v1/stats"),

@@ -26,10 +26,10 @@ def readings(device: str, count: int, field: str = "t") -> list[tuple[str, bytes
 
 
 def influx_settings(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto, influx: FakeInflux
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto, influx: FakeInflux
 ) -> Settings:
     return make_settings(
-        pg_url,
+        empty_pg_url,
         tmp_path,
         mqtt_url=mosquitto.url,
         mqtt_client_id=f"iotmeter-{tmp_path.name}"[:64],
@@ -41,10 +41,10 @@ def influx_settings(
 
 
 async def test_retry_after_is_honoured_and_nothing_is_lost(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     async with FakeInflux() as influx:
-        async with start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
+        async with start_app(influx_settings(empty_pg_url, tmp_path, mosquitto, influx)) as api:
             influx.fail_next("write", 503, times=2, retry_after="1")
             influx.fail_next("write", 429, times=1, retry_after="2")
             publish(mosquitto.port, readings("rate-1", 20))
@@ -66,10 +66,10 @@ async def test_retry_after_is_honoured_and_nothing_is_lost(
 
 
 async def test_a_record_refused_for_good_is_dead_lettered_and_the_rest_stored(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     influx = FakeInflux()
-    async with influx, start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
+    async with influx, start_app(influx_settings(empty_pg_url, tmp_path, mosquitto, influx)) as api:
         publish(mosquitto.port, [("iot/conflict-1/telemetry", b'{"seq": 0, "t": 1.5}')])
         await eventually(
             lambda: api.get("/api/v1/stats"),
@@ -101,11 +101,11 @@ async def test_a_record_refused_for_good_is_dead_lettered_and_the_rest_stored(
 
 
 async def test_a_stalled_time_series_store_does_not_stop_the_archive(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     async with FakeInflux() as influx:
         influx.fail_next("write", 503, times=1000, retry_after="1")
-        async with start_app(influx_settings(pg_url, tmp_path, mosquitto, influx)) as api:
+        async with start_app(influx_settings(empty_pg_url, tmp_path, mosquitto, influx)) as api:
             publish(mosquitto.port, readings("stall-1", 10))
             raw = await eventually(
                 lambda: api.get("/api/v1/devices/stall-1/raw"),
