@@ -159,7 +159,7 @@ class Settings(BaseSettings):
         32 << 20, ge=1 << 16, description="Size at which a spool segment file is rolled."
     )
     spool_memory_bytes: int = Field(
-        64 << 20,
+        16 << 20,
         ge=1 << 20,
         description="Recent spool records kept in memory, so sinks near the head never read disk.",
     )

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotmeter.config import Settings
+from iotmeter.services.devices import get_device
 from iotmeter.state import AppState
 
 
@@ -37,3 +38,11 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def require_device(state: AppState, device_id: str) -> None:
+    """`NotFound` unless the device exists; the connection is returned before the caller goes
+    on (a request that held it while the time-series store takes another could exhaust the
+    pool under load)."""
+    async with state.database.sessionmaker() as session:
+        await get_device(session, device_id)

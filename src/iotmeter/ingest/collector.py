@@ -149,6 +149,29 @@ class DeviceDirectory:
         return result
 
 
+class _Epoch:
+    """The open segments of the segment layout: per device, (reading time, line) pairs."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[tuple[int, bytes]]] = {}
+        self.size = 0
+        self.started = time.monotonic()
+        self._keys: set[str] = set()
+
+    def add(self, readings: Sequence[ReadingSet]) -> None:
+        if not self.lines:
+            self.started = time.monotonic()
+        for reading in readings:
+            # A message the broker redelivered within the epoch is written once.
+            key = reading.archive_key
+            if key in self._keys:
+                continue
+            self._keys.add(key)
+            line = segment_line(reading)
+            self.lines.setdefault(reading.device_id, []).append((reading.epoch_us, line))
+            self.size += len(line)
+
+
 class Collector:
     """Long-running task: `run()` until cancelled; survives broker and store outages."""
 
@@ -329,7 +352,15 @@ class Collector:
     # --- draining ------------------------------------------------------------------------------
 
     def _decoded(self, chunk: Chunk) -> Decoded:
-        cached = chunk.cache.get("decoded")
+        """The chunk's readings, decoded once for all sinks and forgotten by the chunk after
+        the last of them took it (so memory holds raw records, not decoded ones)."""
+        uses = chunk.cache.get("uses", 0)
+        assert isinstance(uses, int)
+        chunk.cache["uses"] = uses + 1
+        if uses + 1 >= len(SINKS):
+            cached = chunk.cache.pop("decoded", None)
+        else:
+            cached = chunk.cache.get("decoded")
         if isinstance(cached, Decoded):
             return cached
         readings: list[ReadingSet] = []
@@ -341,7 +372,8 @@ class Collector:
             readings.extend(result.readings)
             rejections.extend(result.rejections)
         decoded = Decoded(readings, rejections)
-        chunk.cache["decoded"] = decoded
+        if uses + 1 < len(SINKS):
+            chunk.cache["decoded"] = decoded
         return decoded
 
     async def _drain(self, sink: str, store: Callable[[list[Decoded]], Awaitable[None]]) -> None:
@@ -413,7 +445,7 @@ class Collector:
         position = self.spool.confirmed["archive"]
         intent = await asyncio.to_thread(self._read_epoch_intent)
         if intent is not None and intent > position:
-            records: list[Decoded] = []
+            rebuilt = _Epoch()
             after = position
             while after < intent:
                 chunks = await self.spool.read(after, self.settings.batch_max_messages)
@@ -422,54 +454,49 @@ class Collector:
                     break
                 for chunk in chunks:
                     kept = [record for record in chunk.records if record.seq <= intent]
-                    records.append(self._decoded(Chunk(kept)))
+                    await self._add_to_epoch(rebuilt, self._decoded(Chunk(kept)))
                     after = kept[-1].seq
-            await self._write_epoch(records, intent)
+            await self._write_epoch(rebuilt, intent)
             position = intent
         processed = position
-        epoch: list[Decoded] = []
-        epoch_bytes = 0
-        epoch_started = time.monotonic()
+        epoch = _Epoch()
         max_age = self.settings.archive_segment_max_age_s
         while True:
             await self.spool.wait_beyond(processed, within=min(1.0, max_age))
             chunks = await self.spool.read(processed, self.settings.batch_max_messages)
             for chunk in chunks:
-                if not epoch:
-                    epoch_started = time.monotonic()
-                decoded = self._decoded(chunk)
-                epoch.append(decoded)
-                epoch_bytes += sum(len(reading.raw) for reading in decoded.readings)
+                await self._add_to_epoch(epoch, self._decoded(chunk))
                 processed = chunk.last_seq
-            due = time.monotonic() - epoch_started >= max_age
-            if epoch and (due or epoch_bytes >= self.settings.archive_segment_buffer_bytes):
-                await self._write_epoch(epoch, processed)
-                epoch, epoch_bytes = [], 0
-
-    async def _write_epoch(self, epoch: list[Decoded], end: int) -> None:
-        await asyncio.to_thread(self._write_epoch_intent, end)
-        readings: list[ReadingSet] = []
-        for decoded in epoch:
-            readings.extend(decoded.readings)
-
-        async def resolve() -> None:
-            readings[:] = await self.directory.resolve(readings, retype=False)
-
-        await self._retry_until_done("archive", resolve)
-        by_device: dict[str, list[tuple[int, bytes]]] = {}
-        seen: set[str] = set()
-        for reading in readings:
-            # A message the broker redelivered within the epoch is written once.
-            key = reading.archive_key
-            if key in seen:
+            if not epoch.lines:
+                # Nothing open (only rejected messages so far): nothing to wait for.
+                if processed > self.spool.confirmed["archive"]:
+                    await self.spool.confirm("archive", processed)
                 continue
-            seen.add(key)
-            by_device.setdefault(reading.device_id, []).append(
-                (reading.epoch_us, segment_line(reading))
-            )
+            due = time.monotonic() - epoch.started >= max_age
+            if due or epoch.size >= self.settings.archive_segment_buffer_bytes:
+                await self._write_epoch(epoch, processed)
+                epoch = _Epoch()
+
+    async def _add_to_epoch(self, epoch: _Epoch, decoded: Decoded) -> None:
+        """Encode the readings as segment lines now: an epoch holds bytes, not objects."""
+        readings = decoded.readings
+        if not self.settings.auto_register:
+
+            async def resolve() -> None:
+                readings[:] = await self.directory.resolve(list(readings), retype=False)
+
+            readings = list(readings)
+            await self._retry_until_done("archive", resolve)
+        epoch.add(readings)
+
+    async def _write_epoch(self, epoch: _Epoch, end: int) -> None:
+        if not epoch.lines:
+            await self.spool.confirm("archive", end)
+            return
+        await asyncio.to_thread(self._write_epoch_intent, end)
         objects = []
         limit = self.settings.archive_segment_max_bytes
-        for device_id, lines in by_device.items():
+        for device_id, lines in epoch.lines.items():
             part: list[tuple[int, bytes]] = []
             size = 0
             for epoch_us, line in lines:
@@ -487,7 +514,7 @@ class Collector:
         await self.spool.confirm("archive", end)
         await asyncio.to_thread(self._write_epoch_intent, None)
         self.stats.count_stored(
-            "archive", Counter({device: len(lines) for device, lines in by_device.items()})
+            "archive", Counter({device: len(lines) for device, lines in epoch.lines.items()})
         )
 
     @property

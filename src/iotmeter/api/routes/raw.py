@@ -11,12 +11,11 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from iotmeter.api.deps import SessionDep, StateDep
+from iotmeter.api.deps import StateDep, require_device
 from iotmeter.api.schemas import ErrorResponse
 from iotmeter.api.timerange import format_time, parse_instant_us
 from iotmeter.errors import NotFound, ValidationFailed
 from iotmeter.ingest.decode import DecodeLimits
-from iotmeter.services.devices import get_device
 from iotmeter.services.replay import replay_device
 from iotmeter.storage.archive.segments import is_message_key
 
@@ -43,14 +42,13 @@ class RawPage(BaseModel):
 async def device_raw(
     device_id: Annotated[str, Path(max_length=64)],
     state: StateDep,
-    session: SessionDep,
     start: Annotated[str, Query(description="RFC 3339, `now` or relative like -1h.")] = "-1h",
     stop: Annotated[str, Query(description="RFC 3339, `now` or relative.")] = "now",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     after: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
 ) -> RawPage:
     """Oldest first. Each document holds the topic, receive time and the payload as received."""
-    await get_device(session, device_id)
+    await require_device(state, device_id)
     now_us = time.time_ns() // 1000
     start_us = parse_instant_us(start, "start", now_us)
     stop_us = parse_instant_us(stop, "stop", now_us)
@@ -93,12 +91,11 @@ async def replay(
     device_id: Annotated[str, Path(max_length=64)],
     body: ReplayRequest,
     state: StateDep,
-    session: SessionDep,
 ) -> ReplayResponse:
     """Reads the device's archived raw messages in [start, stop) and writes their readings to
     the time-series store again: a backfill after a lost range, a schema change or a move to
     InfluxDB. Idempotent: writes are keyed by device, field and time."""
-    await get_device(session, device_id)
+    await require_device(state, device_id)
     now_us = time.time_ns() // 1000
     start_us = parse_instant_us(body.start, "start", now_us)
     stop_us = parse_instant_us(body.stop, "stop", now_us)

@@ -11,13 +11,12 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from iotmeter.api.deps import SessionDep, StateDep
+from iotmeter.api.deps import StateDep, require_device
 from iotmeter.api.schemas import ErrorResponse
 from iotmeter.api.timerange import format_time, parse_duration_us, parse_instant_us
 from iotmeter.config import env_name
 from iotmeter.errors import ValidationFailed
 from iotmeter.ids import FIELD_NAME_RE
-from iotmeter.services.devices import get_device
 from iotmeter.storage.timeseries.base import AGGREGATES, Aggregate, SeriesPoint, SeriesQuery
 
 router = APIRouter(tags=["telemetry"])
@@ -97,7 +96,6 @@ async def device_telemetry(
     device_id: Annotated[str, Path(max_length=64)],
     request: Request,
     state: StateDep,
-    session: SessionDep,
     fields: Annotated[
         str | None, Query(description="Comma-separated field names; default all.")
     ] = None,
@@ -122,7 +120,7 @@ async def device_telemetry(
     epoch). The range and the number of points are bounded by settings; over them, a 400
     says what to change."""
     settings = state.settings
-    await get_device(session, device_id)
+    await require_device(state, device_id)
     now_us = time.time_ns() // 1000
     start_us = parse_instant_us(start, "start", now_us)
     stop_us = parse_instant_us(stop, "stop", now_us)
@@ -193,9 +191,9 @@ async def device_telemetry(
     summary="Latest value of each field of a device",
 )
 async def device_latest(
-    device_id: Annotated[str, Path(max_length=64)], state: StateDep, session: SessionDep
+    device_id: Annotated[str, Path(max_length=64)], state: StateDep
 ) -> DeviceLatest:
-    await get_device(session, device_id)
+    await require_device(state, device_id)
     latest = await state.timeseries.latest([device_id])
     return DeviceLatest(device_id=device_id, fields=_latest_values(latest.get(device_id, {})))
 
