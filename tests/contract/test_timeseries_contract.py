@@ -33,6 +33,7 @@ from iotmeter.storage.timeseries.influx import InfluxTimeSeriesStore
 from iotmeter.storage.timeseries.sql import SqlTimeSeriesStore
 from tests.conftest import empty_tables
 from tests.fixtures.fake_influx import FakeInflux
+from tests.fixtures.readings import HOUR_US, MINUTE_US, SECOND_US, reading
 
 LIVE_URL = os.environ.get("IOTMETER_TEST_INFLUX_URL", "")
 LIVE_TOKEN = os.environ.get("IOTMETER_TEST_INFLUX_TOKEN", "")
@@ -43,27 +44,6 @@ LIVE_BUCKET = os.environ.get("IOTMETER_TEST_INFLUX_BUCKET", "iot-metrics")
 BACKENDS = ["sql-postgresql", "sql-sqlite", "influx-fake"]
 if LIVE_URL and LIVE_TOKEN:
     BACKENDS.append("influx-live")
-
-SECOND_US = 1_000_000
-MINUTE_US = 60 * SECOND_US
-HOUR_US = 60 * MINUTE_US
-
-
-def reading(
-    device_id: str,
-    epoch_us: int,
-    values: dict[str, float | bool],
-    device_type: str | None = "sensor",
-) -> ReadingSet:
-    return ReadingSet(
-        device_id=device_id,
-        epoch_us=epoch_us,
-        values=values,
-        topic=f"devices/{device_id}/telemetry",
-        received_at_us=epoch_us,
-        raw=b"{}",
-        device_type=device_type,
-    )
 
 
 async def delete_live_points(device_ids: list[str]) -> None:

@@ -26,6 +26,7 @@ from iotmeter.storage.timeseries.influx import (
     InfluxTimeSeriesStore,
     InfluxUnavailable,
 )
+from tests.fixtures.readings import HOUR_US, MINUTE_US, SECOND_US, reading
 
 URL = os.environ.get("IOTMETER_TEST_INFLUX_URL", "")
 TOKEN = os.environ.get("IOTMETER_TEST_INFLUX_TOKEN", "")
@@ -39,27 +40,6 @@ pytestmark = [
     ),
     pytest.mark.influx_live,
 ]
-
-SECOND_US = 1_000_000
-MINUTE_US = 60 * SECOND_US
-HOUR_US = 60 * MINUTE_US
-
-
-def reading(
-    device_id: str,
-    epoch_us: int,
-    values: dict[str, float | bool],
-    device_type: str | None = "sensor",
-) -> ReadingSet:
-    return ReadingSet(
-        device_id=device_id,
-        epoch_us=epoch_us,
-        values=values,
-        topic=f"devices/{device_id}/telemetry",
-        received_at_us=epoch_us,
-        raw=b"{}",
-        device_type=device_type,
-    )
 
 
 @pytest.fixture

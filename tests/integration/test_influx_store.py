@@ -25,28 +25,9 @@ from iotmeter.storage.timeseries.influx import (
     open_influx_store,
 )
 from tests.fixtures.fake_influx import FakeInflux
+from tests.fixtures.readings import HOUR_US, MINUTE_US, SECOND_US, reading
 
 BASE_US = 1_714_521_600_000_000  # 2024-05-01T00:00:00Z, a whole minute
-SECOND_US = 1_000_000
-MINUTE_US = 60 * SECOND_US
-HOUR_US = 60 * MINUTE_US
-
-
-def reading(
-    device_id: str,
-    epoch_us: int,
-    values: dict[str, float | bool],
-    device_type: str | None = "sensor",
-) -> ReadingSet:
-    return ReadingSet(
-        device_id=device_id,
-        epoch_us=epoch_us,
-        values=values,
-        topic=f"devices/{device_id}/telemetry",
-        received_at_us=epoch_us,
-        raw=b"{}",
-        device_type=device_type,
-    )
 
 
 def make_store(fake: FakeInflux, **options: object) -> InfluxTimeSeriesStore:
