@@ -1254,6 +1254,8 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
     profile = await profile_task if profile_task is not None else None
     before, after = await snapshot_task
     final_stored = last.stored if last.stored is not None else await stored()
+    if final_stored >= acked:
+        drained = "complete"  # caught up in the last moments
     rows = None
     if run.services.influx is None:
         rows = await count_stored_rows(run.services.database_url, int((go - 5) * 1_000_000))
