@@ -13,7 +13,8 @@ from iotmeter.services.devices import get_device
 from iotmeter.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+# Async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a hop per request.
+async def get_state(request: Request) -> AppState:
     state: AppState = request.state.iotmeter
     return state
 
@@ -21,7 +22,7 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 

@@ -70,12 +70,20 @@ def encode_record(record: SpoolRecord) -> bytes:
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
-def _decode_records(data: bytes) -> tuple[list[SpoolRecord], int]:
-    """Records in `data` and the offset after the last intact one (a torn tail is ignored)."""
+_READ_BLOCK = 4 << 20  # larger than any record (payloads are bounded far below this)
+
+
+def _record_size(record: SpoolRecord) -> int:
+    return _HEADER.size + _BODY_HEAD.size + len(record.topic.encode()) + len(record.payload)
+
+
+def _decode_records(data: bytes, limit: int | None = None) -> tuple[list[SpoolRecord], int]:
+    """Records in `data` (at most `limit`) and the offset after the last one decoded (a torn
+    tail is ignored)."""
     records: list[SpoolRecord] = []
     offset = 0
     end = len(data)
-    while offset + _HEADER.size <= end:
+    while offset + _HEADER.size <= end and (limit is None or len(records) < limit):
         length, crc = _HEADER.unpack_from(data, offset)
         start = offset + _HEADER.size
         if length < _BODY_HEAD.size or start + length > end:
@@ -126,6 +134,8 @@ class Spool:
         self._pending: list[SpoolRecord] = []
         self._pending_bytes = bytearray()
         self._disk_bytes = 0
+        # After-seq -> (segment, byte offset) where a disk read of that position stopped.
+        self._read_hints: dict[int, tuple[int, int]] = {}
         self._next_seq = 0
         self.committed_seq = -1
         self.confirmed: dict[str, int] = {}
@@ -296,17 +306,39 @@ class Spool:
         return [Chunk(records)] if records else []
 
     def _read_disk(self, after: int, max_records: int) -> list[SpoolRecord]:
+        """Records after `after`, read in bounded blocks from where the previous read of this
+        position stopped (a lagging sink reads each segment once, not once per batch)."""
         out: list[SpoolRecord] = []
         for segment in list(self._segments):
             if segment.last_seq <= after:
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                records, _ = _decode_records(segment.path.read_bytes())
-                for record in records:
-                    if after < record.seq <= self.committed_seq:
-                        out.append(record)
+            hint = self._read_hints.pop(after, None)
+            offset = hint[1] if hint is not None and hint[0] == segment.first_seq else 0
+            try:
+                with open(segment.path, "rb") as handle:
+                    while len(out) < max_records:
+                        handle.seek(offset)
+                        block = handle.read(_READ_BLOCK)
+                        records, used = _decode_records(block, max_records - len(out))
+                        if not records:
+                            break
+                        end = offset
+                        for record in records:
+                            end += _record_size(record)
+                            if record.seq > self.committed_seq:
+                                return out
+                            if record.seq > after:
+                                out.append(record)
+                                if len(out) >= max_records:
+                                    break
+                        offset = end if len(out) >= max_records else offset + used
                         if len(out) >= max_records:
+                            if len(self._read_hints) > 64:
+                                self._read_hints.clear()
+                            self._read_hints[out[-1].seq] = (segment.first_seq, end)
                             return out
+            except FileNotFoundError:
+                continue
         return out
 
     # --- confirming ---------------------------------------------------------------------------
