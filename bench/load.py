@@ -1,4 +1,5 @@
-"""Load processes for bench/harness.py: MQTT publisher, bare subscriber, HTTP client, S3 PUTs.
+"""Processes for bench/harness.py: MQTT publisher, bare subscriber, HTTP client, S3 PUTs, and
+two helpers that run with the app's own code (`register` devices, `inspect` the app's settings).
 
 Each role runs as its own process (`python bench/load.py <role> [options]`) so that its CPU is
 its own and the GIL of one never slows another. A role prints one JSON object per line on
