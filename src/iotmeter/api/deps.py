@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotmeter.config import Settings
-from iotmeter.services.devices import get_device
+from iotmeter.db.engine import is_unavailable, unavailable
+from iotmeter.services import devices
 from iotmeter.state import AppState
 
 
@@ -27,13 +28,16 @@ async def get_settings(state: StateDep) -> Settings:
 
 
 async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
-    """One transaction per request: committed on success, rolled back on error."""
+    """One transaction per request: committed on success, rolled back on error; an
+    unreachable database is `BackendUnavailable` (503)."""
     async with state.database.sessionmaker() as session:
         try:
             yield session
             await session.commit()
-        except BaseException:
+        except BaseException as exc:
             await session.rollback()
+            if is_unavailable(exc):
+                raise unavailable(exc) from exc
             raise
 
 
@@ -45,5 +49,5 @@ async def require_device(state: AppState, device_id: str) -> None:
     """`NotFound` unless the device exists; the connection is returned before the caller goes
     on (a request that held it while the time-series store takes another could exhaust the
     pool under load)."""
-    async with state.database.sessionmaker() as session:
-        await get_device(session, device_id)
+    async with state.database.reader() as connection:
+        await devices.require_device(connection, device_id)

@@ -9,8 +9,9 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -30,8 +31,14 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def build_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """Create the engine; for SQLite, also create the file's folder."""
+def build_engine(url: str, *, pool_size: int = 20, max_overflow: int = 10) -> AsyncEngine:
+    """Create the engine; for SQLite, also create the file's folder.
+
+    No pre-ping: it would cost a round trip (three outside a transaction) on every checkout.
+    After a PostgreSQL restart the first statement on each stale connection fails instead;
+    SQLAlchemy then invalidates the whole pool, so later checkouts connect afresh, and the
+    failed request answers 503 (`backend_unavailable`).
+    """
     url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -40,9 +47,21 @@ def build_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         engine = create_async_engine(url)
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
         return engine
-    return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=10
-    )
+    return create_async_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a database error means the server is unreachable (not a bad statement)."""
+    if isinstance(exc, (OperationalError, InterfaceError, OSError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def unavailable(exc: BaseException) -> BackendUnavailable:
+    """The project's 503 for a database that cannot be reached."""
+    orig = getattr(exc, "orig", None) or exc
+    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    return BackendUnavailable(f"database unavailable, try again: {detail}")
 
 
 class Database:
@@ -51,6 +70,9 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+        # Shares the pool; each checkout only flips the driver's autocommit flag (no round trip).
+        self.autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        """For reads: a lone SELECT needs no BEGIN/COMMIT around it."""
 
     @property
     def dialect(self) -> str:
@@ -61,6 +83,18 @@ class Database:
         """A session that commits when the block succeeds and rolls back when it raises."""
         async with self.sessionmaker() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads in autocommit: a lone SELECT costs one round trip, with no
+        BEGIN/COMMIT around it. An unreachable database is `BackendUnavailable`."""
+        try:
+            async with self.autocommit_engine.connect() as connection:
+                yield connection
+        except (DBAPIError, OSError) as exc:
+            if is_unavailable(exc):
+                raise unavailable(exc) from exc
+            raise
 
     async def ping(self) -> None:
         try:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Table,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from iotmeter.db.base import utcnow
 from iotmeter.db.models import Device
@@ -16,6 +28,86 @@ from iotmeter.db.models import Device
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _conditions(
+    type: str | None, status: str | None, location: str | None, search: str | None
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if type is not None:
+        conditions.append(Device.type == type)
+    if status is not None:
+        conditions.append(Device.status == status)
+    if location is not None:
+        conditions.append(Device.location == location)
+    if search:
+        pattern = f"%{_escape_like(search.lower())}%"
+        conditions.append(
+            or_(
+                func.lower(Device.id).like(pattern, escape="\\"),
+                func.lower(Device.name).like(pattern, escape="\\"),
+            )
+        )
+    return conditions
+
+
+_DEVICES = Device.__table__
+assert isinstance(_DEVICES, Table)
+# The ORM attribute names, so a row reads like a `Device` (`row.attributes`).
+_DEVICE_COLUMNS = [
+    column.label("attributes") if column.name == "metadata" else column for column in _DEVICES.c
+]
+_GET = select(*_DEVICE_COLUMNS).where(_DEVICES.c.id == bindparam("device_id"))
+_EXISTS = select(_DEVICES.c.id).where(_DEVICES.c.id == bindparam("device_id"))
+
+DeviceRow = Row[*tuple[Any, ...]]
+"""A device as read by `DeviceReader`: the attributes of `Device`, without the ORM."""
+
+
+class DeviceReader:
+    """Device reads on a plain connection (no ORM session): one statement, one round trip."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
+
+    async def get(self, device_id: str) -> DeviceRow | None:
+        result = await self.connection.execute(_GET, {"device_id": device_id})
+        return result.first()
+
+    async def exists(self, device_id: str) -> bool:
+        result = await self.connection.execute(_EXISTS, {"device_id": device_id})
+        return result.first() is not None
+
+    async def list(
+        self,
+        *,
+        type: str | None = None,
+        status: str | None = None,
+        location: str | None = None,
+        search: str | None = None,
+        limit: int,
+        offset: int,
+    ) -> tuple[Sequence[DeviceRow], int]:
+        """A page ordered by id and the count of every match, in one statement."""
+        conditions = _conditions(type, status, location, search)
+        total = select(func.count()).select_from(_DEVICES).where(*conditions).scalar_subquery()
+        result = await self.connection.execute(
+            select(*_DEVICE_COLUMNS, total.label("total"))
+            .where(*conditions)
+            .order_by(_DEVICES.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        rows = result.all()
+        if rows:
+            return rows, int(rows[0].total)
+        if offset == 0:
+            return rows, 0
+        # A page past the end has no row to carry the count.
+        count = await self.connection.scalar(
+            select(func.count()).select_from(_DEVICES).where(*conditions)
+        )
+        return rows, int(count or 0)
 
 
 class DeviceRepository:
@@ -29,39 +121,6 @@ class DeviceRepository:
         self.session.add(device)
         await self.session.flush()
         return device
-
-    async def list(
-        self,
-        *,
-        type: str | None = None,
-        status: str | None = None,
-        location: str | None = None,
-        search: str | None = None,
-        limit: int,
-        offset: int,
-    ) -> tuple[Sequence[Device], int]:
-        conditions = []
-        if type is not None:
-            conditions.append(Device.type == type)
-        if status is not None:
-            conditions.append(Device.status == status)
-        if location is not None:
-            conditions.append(Device.location == location)
-        if search:
-            pattern = f"%{_escape_like(search.lower())}%"
-            conditions.append(
-                or_(
-                    func.lower(Device.id).like(pattern, escape="\\"),
-                    func.lower(Device.name).like(pattern, escape="\\"),
-                )
-            )
-        total = await self.session.scalar(
-            select(func.count()).select_from(Device).where(*conditions)
-        )
-        rows = await self.session.scalars(
-            select(Device).where(*conditions).order_by(Device.id).limit(limit).offset(offset)
-        )
-        return rows.all(), total or 0
 
     async def delete(self, device_id: str) -> bool:
         """Delete a device (its configs and alerts go by ON DELETE CASCADE); False if absent.

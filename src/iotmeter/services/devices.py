@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from iotmeter.db.base import utcnow
 from iotmeter.db.models import Device, DeviceConfig
 from iotmeter.errors import Conflict, NotFound
 from iotmeter.repositories.configs import ConfigRepository
-from iotmeter.repositories.devices import DeviceRepository
+from iotmeter.repositories.devices import DeviceReader, DeviceRepository, DeviceRow
 
 
 def _device_not_found(device_id: str) -> NotFound:
@@ -27,6 +27,20 @@ async def get_device(session: AsyncSession, device_id: str) -> Device:
     if device is None:
         raise _device_not_found(device_id)
     return device
+
+
+async def read_device(connection: AsyncConnection, device_id: str) -> DeviceRow:
+    """The device as a row, for read-only answers (no ORM session); `NotFound` naming the id."""
+    row = await DeviceReader(connection).get(device_id)
+    if row is None:
+        raise _device_not_found(device_id)
+    return row
+
+
+async def require_device(connection: AsyncConnection, device_id: str) -> None:
+    """`NotFound` unless the device exists."""
+    if not await DeviceReader(connection).exists(device_id):
+        raise _device_not_found(device_id)
 
 
 async def create_device(session: AsyncSession, fields: dict[str, Any]) -> Device:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Response, status
 
-from iotmeter.api.deps import SessionDep
+from iotmeter.api.deps import SessionDep, StateDep
 from iotmeter.api.schemas import (
     ConfigKey,
     ConfigRead,
@@ -19,7 +19,7 @@ from iotmeter.api.schemas import (
     ErrorResponse,
     Page,
 )
-from iotmeter.repositories.devices import DeviceRepository
+from iotmeter.repositories.devices import DeviceReader
 from iotmeter.services import devices as service
 
 MAX_PAGE = 500
@@ -47,7 +47,7 @@ async def create_device(body: DeviceCreate, session: SessionDep, response: Respo
 
 @router.get("", summary="List devices")
 async def list_devices(
-    session: SessionDep,
+    state: StateDep,
     type: Annotated[DeviceType | None, Query(description="Only this type.")] = None,
     status: Annotated[DeviceStatus | None, Query(description="Only this status.")] = None,
     location: Annotated[str | None, Query(description="Only this exact location.")] = None,
@@ -58,9 +58,10 @@ async def list_devices(
     offset: Offset = 0,
 ) -> Page[DeviceRead]:
     """Devices ordered by id, filtered and paginated; `total` counts every match."""
-    rows, total = await DeviceRepository(session).list(
-        type=type, status=status, location=location, search=q, limit=limit, offset=offset
-    )
+    async with state.database.reader() as connection:
+        rows, total = await DeviceReader(connection).list(
+            type=type, status=status, location=location, search=q, limit=limit, offset=offset
+        )
     return Page[DeviceRead](
         items=[DeviceRead.model_validate(row) for row in rows],
         total=total,
@@ -70,8 +71,10 @@ async def list_devices(
 
 
 @router.get("/{device_id}", responses=NOT_FOUND, summary="Get a device")
-async def get_device(device_id: DeviceIdPath, session: SessionDep) -> DeviceRead:
-    return DeviceRead.model_validate(await service.get_device(session, device_id))
+async def get_device(device_id: DeviceIdPath, state: StateDep) -> DeviceRead:
+    async with state.database.reader() as connection:
+        row = await service.read_device(connection, device_id)
+    return DeviceRead.model_validate(row)
 
 
 @router.patch("/{device_id}", responses=NOT_FOUND, summary="Update a device")

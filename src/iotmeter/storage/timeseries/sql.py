@@ -158,7 +158,7 @@ class SqlTimeSeriesStore:
                     f"ORDER BY field{self._bytewise}, bucket LIMIT :limit"
                 )
         try:
-            async with self.database.engine.connect() as connection:
+            async with self.database.autocommit_engine.connect() as connection:
                 result = await connection.execute(text(sql), params)
                 rows = result.all()
         except (OperationalError, DBAPIError, OSError) as exc:
@@ -175,7 +175,7 @@ class SqlTimeSeriesStore:
             "ORDER BY device_id, field"
         )
         try:
-            async with self.database.engine.connect() as connection:
+            async with self.database.autocommit_engine.connect() as connection:
                 result = await connection.execute(
                     text(sql), dict(zip(names, device_ids, strict=True))
                 )
