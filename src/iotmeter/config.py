@@ -58,7 +58,14 @@ class Settings(BaseSettings):
         description="Upgrade the schema at start-up. Default: on for SQLite, off otherwise "
         "(run `iotmeter migrate`).",
     )
-    database_pool_size: int = Field(10, ge=1, le=200, description="Connection pool size.")
+    database_pool_size: int = Field(
+        20,
+        ge=1,
+        le=200,
+        description="PostgreSQL connections kept open; bursts may open half as many again, "
+        "closed when returned. Keep 1.5 times this (per process) under the server's "
+        "`max_connections` (default 100).",
+    )
 
     # MQTT.
     mqtt_url: str = Field(
