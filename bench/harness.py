@@ -1058,6 +1058,20 @@ async def start_publishers(run: Run, phase: str) -> list[Worker]:
     return publishers
 
 
+async def relay_consumed(
+    publishers: Sequence[Worker], consumed: Callable[[], Awaitable[int]]
+) -> None:
+    """Tell the publishers what the consumer has taken, so that `--rate 0` offers as much as it
+    takes and no more: the broker acks a publish when it is queued, not when it is delivered,
+    so without this a fast publisher only grows the broker's queue."""
+    while True:
+        total = await consumed()
+        for publisher in publishers:
+            with contextlib.suppress(Exception):
+                publisher.send(f"consumed {total}")
+        await asyncio.sleep(0.25)
+
+
 def acked_series(publishers: Sequence[Worker]) -> list[list[tuple[float, float]]]:
     return [series_of(publisher, "acked") for publisher in publishers]
 
@@ -1160,13 +1174,15 @@ async def ceiling_phase(run: Run) -> dict[str, Any]:
     steady = (go + args.warmup, go + args.duration)
     snapshot_task = asyncio.create_task(snapshots(*steady))
     probe_task = asyncio.create_task(probe.publish(go, go + args.duration))
-    finals = [await p.wait_done(args.duration + args.ack_timeout + 30) for p in publishers]
-    await probe_task
-    acked = sum(final["acked"] for final in finals) + probe.acked
 
     async def received() -> int:
         return int(subscriber.progress[-1]["received"]) if subscriber.progress else 0
 
+    relay_task = asyncio.create_task(relay_consumed(publishers, received))
+    finals = [await p.wait_done(args.duration + args.ack_timeout + 30) for p in publishers]
+    relay_task.cancel()
+    await probe_task
+    acked = sum(final["acked"] for final in finals) + probe.acked
     drained, drain_s = await drain(received, acked, args.drain_idle, args.drain_timeout)
     subscriber.send("stop")
     sub_final = await subscriber.wait_done(30)
@@ -1232,7 +1248,16 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
         profile_task = asyncio.create_task(
             profile_app(app.process.pid, seconds, output, steady[0], run.meter)
         )
+
+    async def received() -> int:
+        for sample in reversed(sampler.samples):
+            if sample.received is not None:
+                return sample.received
+        return 0
+
+    relay_task = asyncio.create_task(relay_consumed(publishers, received))
     finals = [await p.wait_done(args.duration + args.ack_timeout + 30) for p in publishers]
+    relay_task.cancel()
     await probe_task
     acked = sum(final["acked"] for final in finals) + probe.acked
     published = sum(final["published"] for final in finals) + len(probe.sent_at)
@@ -1480,7 +1505,7 @@ def render_table(summary: dict[str, Any]) -> str:
     ceiling = summary.get("ceiling") or {}
     puts = summary.get("s3_put_ceiling")
     latency = ingest.get("latency") or {}
-    offered = f"{config['rate']:,.0f} msg/s" if config["rate"] else "as fast as acked"
+    offered = f"{config['rate']:,.0f} msg/s" if config["rate"] else "as fast as consumed"
     layout = config["archive_layout"]
     if not (summary.get("app") or {}).get("archive_layout_setting", True):
         layout += ", a setting the app ignores"
@@ -1705,7 +1730,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--devices", type=int, default=1000, help="publishing devices")
     load.add_argument("--duration", type=float, default=60, help="seconds of publishing")
     load.add_argument("--warmup", type=float, help="seconds excluded from the rates (20%%, ≤10)")
-    load.add_argument("--rate", type=float, default=0, help="total msg/s; 0: as fast as acked")
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="total msg/s; 0: as fast as the consumer takes (publishers stay a window ahead)",
+    )
     load.add_argument("--publishers", type=int, default=1, help="publisher processes")
     load.add_argument("--ack-timeout", type=float, default=60)
     load.add_argument(
