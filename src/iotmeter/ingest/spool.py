@@ -13,7 +13,9 @@ received_at_us u64, topic length u16, topic bytes, payload bytes.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import os
 import struct
@@ -62,6 +64,10 @@ class Chunk:
     @property
     def last_seq(self) -> int:
         return self.records[-1].seq
+
+
+def _last_seq(chunk: Chunk) -> int:
+    return chunk.records[-1].seq
 
 
 def encode_record(record: SpoolRecord) -> bytes:
@@ -140,7 +146,8 @@ class Spool:
         self.committed_seq = -1
         self.confirmed: dict[str, int] = {}
         # Recently committed chunks, for sinks reading near the head (no disk reads).
-        self._recent: deque[Chunk] = deque()
+        # Ordered by seq; a list so a read finds its start by bisection, not by a scan.
+        self._recent: list[Chunk] = []
         self._recent_bytes = 0
         self._committed = asyncio.Condition()
         self._commit_lock = asyncio.Lock()
@@ -237,8 +244,12 @@ class Spool:
             chunk = Chunk(records, len(data))
             self._recent.append(chunk)
             self._recent_bytes += len(data)
-            while self._recent and self._recent_bytes > self.memory_bytes:
-                self._recent_bytes -= self._recent.popleft().nbytes
+            dropped = 0
+            while dropped < len(self._recent) and self._recent_bytes > self.memory_bytes:
+                self._recent_bytes -= self._recent[dropped].nbytes
+                dropped += 1
+            if dropped:
+                del self._recent[:dropped]
             self._unconfirmed.append((records[-1].seq, records[0].received_at_us))
             self.committed_seq = records[-1].seq
             self._disk_bytes = self.disk_bytes
@@ -291,9 +302,8 @@ class Spool:
         chunks: list[Chunk] = []
         count = 0
         if self._recent and self._recent[0].first_seq <= after + 1:
-            for chunk in self._recent:
-                if chunk.last_seq <= after:
-                    continue
+            start = bisect.bisect_right(self._recent, after, key=_last_seq)
+            for chunk in itertools.islice(self._recent, start, None):
                 if chunk.first_seq <= after:
                     chunk = Chunk([r for r in chunk.records if r.seq > after])
                 chunks.append(chunk)
