@@ -156,17 +156,17 @@ class _Epoch:
         self.lines: dict[str, list[tuple[int, bytes]]] = {}
         self.size = 0
         self.started = time.monotonic()
-        self._keys: set[str] = set()
+        self._seen: set[tuple[str, int, str]] = set()
 
     def add(self, readings: Sequence[ReadingSet]) -> None:
         if not self.lines:
             self.started = time.monotonic()
         for reading in readings:
             # A message the broker redelivered within the epoch is written once.
-            key = reading.archive_key
-            if key in self._keys:
+            identity = reading.identity
+            if identity in self._seen:
                 continue
-            self._keys.add(key)
+            self._seen.add(identity)
             line = segment_line(reading)
             self.lines.setdefault(reading.device_id, []).append((reading.epoch_us, line))
             self.size += len(line)

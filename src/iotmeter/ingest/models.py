@@ -78,6 +78,11 @@ class ReadingSet:
         return "h-" + hashlib.sha256(self.raw).hexdigest()[:24]
 
     @property
+    def identity(self) -> tuple[str, int, str]:
+        """Equal exactly when the archive keys are equal (a redelivery), without formatting."""
+        return (self.device_id, self.epoch_us // 1000, self.tie_breaker)
+
+    @property
     def archive_key(self) -> str:
         """`{device_id}/{timestamp}_{tie}.json`: a redelivery maps to the same key."""
         return f"{self.device_id}/{format_key_time(self.epoch_us)}_{self.tie_breaker}.json"
