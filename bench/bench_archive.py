@@ -2,8 +2,9 @@
 
 Puts small (~200 B) documents through each backend's batch `put`: the local folder (in a temporary
 folder), and S3 on a private SeaweedFS this script starts (fresh bucket, warmed by one PUT so its
-first-write cost is not counted). For comparison it also measures raw aiobotocore PutObject calls
-at concurrency 64, without the store. Prints documents/s for each.
+first-write cost is not counted). For comparison it also measures plain aiobotocore PutObject
+calls at concurrency 64, without the store. Prints documents/s and this process's CPU per
+document for each.
 """
 
 from __future__ import annotations
@@ -56,14 +57,25 @@ def readings(count: int, start_us: int) -> list[ReadingSet]:
     return result
 
 
-async def through_store(store: ArchiveStore, items: Sequence[ReadingSet], batch: int) -> float:
-    started = time.perf_counter()
+def cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+async def through_store(
+    store: ArchiveStore, items: Sequence[ReadingSet], batch: int
+) -> tuple[float, float]:
+    """Documents/s, and this process's CPU milliseconds per document."""
+    started, cpu = time.perf_counter(), cpu_seconds()
     for first in range(0, len(items), batch):
         await store.put(items[first : first + batch])
-    return len(items) / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return len(items) / seconds, 1000 * (cpu_seconds() - cpu) / len(items)
 
 
-async def raw_put_objects(client: Any, bucket: str, items: Sequence[ReadingSet]) -> float:
+async def raw_put_objects(
+    client: Any, bucket: str, items: Sequence[ReadingSet]
+) -> tuple[float, float]:
     documents = [(item.archive_key, encode_archive_document(item)) for item in items]
     gate = asyncio.Semaphore(RAW_CONCURRENCY)
 
@@ -73,9 +85,10 @@ async def raw_put_objects(client: Any, bucket: str, items: Sequence[ReadingSet])
                 Bucket=bucket, Key=key, Body=body, ContentType="application/json"
             )
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     await asyncio.gather(*(one(key, body) for key, body in documents))
-    return len(documents) / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return len(documents) / seconds, 1000 * (cpu_seconds() - cpu) / len(documents)
 
 
 async def main(count: int, batch: int) -> None:
@@ -93,8 +106,11 @@ async def main(count: int, batch: int) -> None:
             for fsync in (False, True):
                 root = Path(folder) / f"archive-{fsync}"
                 async with LocalArchiveStore.open(root, fsync=fsync) as store:
-                    rate = await through_store(store, items, batch)
-                print(f"local folder on {place} (fsync={fsync}):{rate:>10,.0f} documents/s")
+                    rate, cpu_ms = await through_store(store, items, batch)
+                print(
+                    f"local folder on {place} (fsync={fsync}):{rate:>10,.0f} documents/s, "
+                    f"{cpu_ms:.3f} ms CPU each"
+                )
 
     with running_seaweedfs() as server:
         for concurrency in (32, 64):
@@ -106,8 +122,11 @@ async def main(count: int, batch: int) -> None:
                 concurrency=concurrency,
             ) as s3:
                 await s3.put(readings(1, start_us - 10**9))  # the bucket's first-write cost
-                rate = await through_store(s3, items, batch)
-            print(f"S3 store (concurrency {concurrency}):{rate:>11,.0f} documents/s")
+                rate, cpu_ms = await through_store(s3, items, batch)
+            print(
+                f"S3 store, signed PUT (concurrency {concurrency}):{rate:>11,.0f} documents/s, "
+                f"{cpu_ms:.3f} ms CPU each"
+            )
 
         config = AioConfig(
             s3={"addressing_style": "path"},
@@ -124,8 +143,11 @@ async def main(count: int, batch: int) -> None:
         ) as client:
             await client.create_bucket(Bucket="bench-raw")
             await client.put_object(Bucket="bench-raw", Key="warm-up", Body=b"{}")
-            rate = await raw_put_objects(client, "bench-raw", items)
-        print(f"raw PutObject (concurrency {RAW_CONCURRENCY}):{rate:>7,.0f} documents/s")
+            rate, cpu_ms = await raw_put_objects(client, "bench-raw", items)
+        print(
+            f"aiobotocore PutObject (concurrency {RAW_CONCURRENCY}):{rate:>7,.0f} documents/s, "
+            f"{cpu_ms:.3f} ms CPU each"
+        )
 
 
 if __name__ == "__main__":

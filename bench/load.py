@@ -568,9 +568,15 @@ async def run_http(args: argparse.Namespace, loop_name: str) -> None:
 
 
 async def run_s3_puts(args: argparse.Namespace, loop_name: str) -> None:
-    """PutObject of ~200 B bodies at a fixed concurrency: the object store's own small-PUT rate."""
+    """PutObject of ~200 B bodies at a fixed concurrency: the object store's own small-PUT rate.
+
+    The PUTs go through iotmeter's `SignedPut` (about 0.3 ms of client CPU each, against about
+    0.9 ms through aiobotocore's full pipeline): with the cheaper client the figure is the
+    store's rate, not this process's."""
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
+
+    from iotmeter.storage.archive.s3 import SignedPut
 
     config = AioConfig(
         s3={"addressing_style": "path"},
@@ -589,6 +595,17 @@ async def run_s3_puts(args: argparse.Namespace, loop_name: str) -> None:
         with contextlib.suppress(Exception):
             await client.create_bucket(Bucket=args.bucket)
         await client.put_object(Bucket=args.bucket, Key="warm-up", Body=b"{}")  # first-PUT cost
+        signed_put = SignedPut(
+            endpoint_url=args.endpoint,
+            bucket=args.bucket,
+            region=args.region,
+            access_key=args.access_key,
+            secret_key=args.secret_key,
+            concurrency=args.concurrency,
+            connect_timeout=5,
+            read_timeout=30,
+            max_attempts=1,
+        )
         puts = 0
         failures = 0
         cpu_start = cpu_seconds()
@@ -602,9 +619,7 @@ async def run_s3_puts(args: argparse.Namespace, loop_name: str) -> None:
                 key = f"{device_id(number % 1000)}/{time.time_ns()}-{number}-{sequence}.json"
                 sequence += 1
                 try:
-                    await client.put_object(
-                        Bucket=args.bucket, Key=key, Body=body, ContentType="application/json"
-                    )
+                    await signed_put.put(key, body, "application/json")
                 except Exception:
                     failures += 1
                 else:
@@ -618,8 +633,9 @@ async def run_s3_puts(args: argparse.Namespace, loop_name: str) -> None:
         reporter = asyncio.create_task(progress())
         await asyncio.gather(*(worker(number) for number in range(args.concurrency)))
         reporter.cancel()
-        emit(t=time.time(), puts=puts)
         elapsed = time.perf_counter() - begin
+        await signed_put.close()
+        emit(t=time.time(), puts=puts)
         emit(
             done=True,
             puts=puts,
