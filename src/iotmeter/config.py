@@ -59,12 +59,12 @@ class Settings(BaseSettings):
         "(run `iotmeter migrate`).",
     )
     database_pool_size: int = Field(
-        20,
+        30,
         ge=1,
         le=200,
-        description="PostgreSQL connections kept open; bursts may open half as many again, "
-        "closed when returned. Keep 1.5 times this (per process) under the server's "
-        "`max_connections` (default 100).",
+        description="PostgreSQL connections kept open: at least the requests usually in "
+        "flight, since bursts open up to a third as many again, each closed when returned. "
+        "Keep 4/3 of this per process under the server's `max_connections` (default 100).",
     )
 
     # MQTT.

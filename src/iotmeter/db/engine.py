@@ -31,12 +31,12 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def build_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+def build_engine(url: str, *, pool_size: int = 30) -> AsyncEngine:
     """Create the engine; for SQLite, also create the file's folder.
 
     A connection opened beyond `pool_size` is closed when returned, so a pool smaller than
-    the usual concurrency would connect and disconnect all the time; half as many again
-    absorb bursts.
+    the requests in flight connects and disconnects all the time (a server process and a
+    TLS attempt each); a third as many again absorb bursts.
 
     No pre-ping: it would cost a round trip (three outside a transaction) on every checkout.
     After a PostgreSQL restart the first statement on each stale connection fails instead;
@@ -52,7 +52,7 @@ def build_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size // 2, pool_timeout=10
+        url, pool_size=pool_size, max_overflow=pool_size // 3, pool_timeout=10
     )
 
 
