@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Row,
+    Select,
+    String,
     Table,
     bindparam,
     delete,
@@ -30,27 +34,6 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _conditions(
-    type: str | None, status: str | None, location: str | None, search: str | None
-) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
-    if type is not None:
-        conditions.append(Device.type == type)
-    if status is not None:
-        conditions.append(Device.status == status)
-    if location is not None:
-        conditions.append(Device.location == location)
-    if search:
-        pattern = f"%{_escape_like(search.lower())}%"
-        conditions.append(
-            or_(
-                func.lower(Device.id).like(pattern, escape="\\"),
-                func.lower(Device.name).like(pattern, escape="\\"),
-            )
-        )
-    return conditions
-
-
 _DEVICES = Device.__table__
 assert isinstance(_DEVICES, Table)
 # The ORM attribute names, so a row reads like a `Device` (`row.attributes`).
@@ -59,6 +42,36 @@ _DEVICE_COLUMNS = [
 ]
 _GET = select(*_DEVICE_COLUMNS).where(_DEVICES.c.id == bindparam("device_id"))
 _EXISTS = select(_DEVICES.c.id).where(_DEVICES.c.id == bindparam("device_id"))
+_SEARCH = bindparam("search", type_=String)
+_FILTERS: dict[str, ColumnElement[bool]] = {
+    "type": _DEVICES.c.type == bindparam("type"),
+    "status": _DEVICES.c.status == bindparam("status"),
+    "location": _DEVICES.c.location == bindparam("location"),
+    "search": or_(
+        func.lower(_DEVICES.c.id).like(_SEARCH, escape="\\"),
+        func.lower(_DEVICES.c.name).like(_SEARCH, escape="\\"),
+    ),
+}
+
+
+@cache  # one entry per combination of filters: 16 at most
+def _list_statements(filters: tuple[str, ...]) -> tuple[Select[Any], Select[Any]]:
+    """The page with the total of every match in one statement, and the total alone.
+
+    Built once per combination, with the values as parameters: a statement object that is
+    reused keeps its cache key, which SQLAlchemy would otherwise compute on each request.
+    """
+    conditions = [_FILTERS[name] for name in filters]
+    count = select(func.count()).select_from(_DEVICES).where(*conditions)
+    page = (
+        select(*_DEVICE_COLUMNS, count.scalar_subquery().label("total"))
+        .where(*conditions)
+        .order_by(_DEVICES.c.id)
+        .limit(bindparam("limit", type_=Integer))
+        .offset(bindparam("offset", type_=Integer))
+    )
+    return page, count
+
 
 DeviceRow = Row[*tuple[Any, ...]]
 """A device as read by `DeviceReader`: the attributes of `Device`, without the ORM."""
@@ -89,25 +102,24 @@ class DeviceReader:
         offset: int,
     ) -> tuple[Sequence[DeviceRow], int]:
         """A page ordered by id and the count of every match, in one statement."""
-        conditions = _conditions(type, status, location, search)
-        total = select(func.count()).select_from(_DEVICES).where(*conditions).scalar_subquery()
-        result = await self.connection.execute(
-            select(*_DEVICE_COLUMNS, total.label("total"))
-            .where(*conditions)
-            .order_by(_DEVICES.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
+        filters: dict[str, str] = {}
+        if type is not None:
+            filters["type"] = type
+        if status is not None:
+            filters["status"] = status
+        if location is not None:
+            filters["location"] = location
+        if search:
+            filters["search"] = f"%{_escape_like(search.lower())}%"
+        page, count = _list_statements(tuple(filters))
+        result = await self.connection.execute(page, {**filters, "limit": limit, "offset": offset})
         rows = result.all()
         if rows:
             return rows, int(rows[0].total)
         if offset == 0:
             return rows, 0
         # A page past the end has no row to carry the count.
-        count = await self.connection.scalar(
-            select(func.count()).select_from(_DEVICES).where(*conditions)
-        )
-        return rows, int(count or 0)
+        return rows, int(await self.connection.scalar(count, filters) or 0)
 
 
 class DeviceRepository:
