@@ -8,9 +8,10 @@ upsert on the primary key, so replaying a batch changes nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -43,6 +44,12 @@ WHERE excluded.epoch_us >= telemetry_latest.epoch_us
 _AGGREGATE_SQL = {"mean": "AVG", "min": "MIN", "max": "MAX", "sum": "SUM", "count": "COUNT"}
 
 Row = tuple[str, str, int, float]
+
+
+@lru_cache(maxsize=256)
+def _statement(sql: str) -> TextClause:
+    """The same object for the same SQL: parsed once, and SQLAlchemy keeps its cache key."""
+    return text(sql)
 
 
 def _rows(readings: Sequence[ReadingSet]) -> tuple[list[Row], list[Row]]:
@@ -159,7 +166,7 @@ class SqlTimeSeriesStore:
                 )
         try:
             async with self.database.autocommit_engine.connect() as connection:
-                result = await connection.execute(text(sql), params)
+                result = await connection.execute(_statement(sql), params)
                 rows = result.all()
         except (OperationalError, DBAPIError, OSError) as exc:
             raise BackendUnavailable(f"time-series query failed: {exc}") from exc
@@ -177,7 +184,7 @@ class SqlTimeSeriesStore:
         try:
             async with self.database.autocommit_engine.connect() as connection:
                 result = await connection.execute(
-                    text(sql), dict(zip(names, device_ids, strict=True))
+                    _statement(sql), dict(zip(names, device_ids, strict=True))
                 )
                 rows = result.all()
         except (OperationalError, DBAPIError, OSError) as exc:
