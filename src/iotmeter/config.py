@@ -146,7 +146,7 @@ class Settings(BaseSettings):
         300.0, ge=0, description="How far in the future a reading's timestamp may be, in seconds."
     )
     batch_max_messages: int = Field(
-        1000, ge=1, description="Collector flushes to the stores after this many reading sets..."
+        5000, ge=1, description="Collector flushes to the stores after this many messages..."
     )
     batch_max_delay_s: float = Field(
         0.2, gt=0, le=60, description="...or this many seconds after the first one, if sooner."

@@ -12,12 +12,14 @@ only once all of them have confirmed it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +66,60 @@ def _enable_manual_ack(client: aiomqtt.Client) -> Any:
         )
     paho.manual_ack_set(True)
     return paho
+
+
+_READ_SIZE = 256 * 1024
+
+
+class _BufferedSocket:
+    """A paho socket that reads in large blocks.
+
+    paho reads each packet with three or more `recv()` calls (the type byte, each byte of the
+    length, then the body), and aiomqtt's reader callback handles one packet per wake-up. With
+    this wrapper one `recv()` brings in hundreds of messages, and `pending()` (which aiomqtt
+    checks, as for TLS sockets) keeps its callback reading until the block is used up. Everything
+    else is the socket's own.
+    """
+
+    __slots__ = ("_buffer", "_offset", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._offset = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._offset >= len(self._buffer):
+            data = self._sock.recv(max(size, _READ_SIZE))
+            if len(data) <= size:
+                return data
+            self._buffer, self._offset = data, 0
+        start = self._offset
+        self._offset = min(start + size, len(self._buffer))
+        return self._buffer[start : self._offset]
+
+    def pending(self) -> int:
+        return len(self._buffer) - self._offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _NoFilteredCallbacks:
+    """paho matches every message's topic against per-topic callbacks; aiomqtt registers
+    none, so the (trie) match is work for nothing."""
+
+    def iter_match(self, _topic: str) -> Iterator[Any]:
+        return iter(())
+
+
+def _tune_paho(paho: Any) -> None:
+    """Cheaper reception for the connection just opened (see the two classes above)."""
+    if hasattr(paho, "_on_message_filtered"):
+        paho._on_message_filtered = _NoFilteredCallbacks()
+    sock = getattr(paho, "_sock", None)
+    if type(sock) is socket.socket:  # not TLS: an SSL socket buffers by itself
+        paho._sock = _BufferedSocket(sock)
 
 
 def _from_epoch_us(epoch_us: int) -> datetime:
@@ -203,6 +259,10 @@ class Collector:
         self._work = asyncio.Event()
         self._committed = asyncio.Event()
         self.sink_errors: dict[str, str | None] = dict.fromkeys(SINKS)
+        # Where each sink has got to (stored, or for the segment layout taken into the epoch).
+        self._taken: dict[str, int] = dict(spool.confirmed)
+        self.intake_held_s = 0.0
+        self._sink_progress = asyncio.Event()
 
     # --- observing -----------------------------------------------------------------------------
 
@@ -261,6 +321,7 @@ class Collector:
             paho = _enable_manual_ack(client)
             try:
                 async with client:
+                    _tune_paho(paho)
                     self._generation += 1
                     self._paho = paho
                     await client.subscribe(TOPIC_FILTER, qos=1)
@@ -274,13 +335,76 @@ class Collector:
                     queue = getattr(client, "_queue", None)
                     async for message in client.messages:
                         await self._accept(message)
+                        taken = 1
                         while queue is not None and not queue.empty():
                             await self._accept(queue.get_nowait())
+                            taken += 1
+                            # Under load the queue refills while acks are awaited: look at
+                            # the sinks every so often, not only when it runs dry.
+                            if taken % 64 == 0 and self._sinks_behind():
+                                await self._hold_intake(client, paho)
+                        if self._sinks_behind():
+                            await self._hold_intake(client, paho)
             except aiomqtt.MqttError as exc:
                 self.connected = False
                 self._paho = None
                 self.last_error = str(exc)
                 await asyncio.sleep(backoff.failed(exc))
+
+    def _sinks_behind(self) -> bool:
+        """Whether a working sink has fallen behind the intake while still reading memory.
+
+        Taking messages faster than the sinks store them only moves the backlog from the broker
+        into the spool, and once a sink has to read it back from disk (and decode it again)
+        every message costs more: on one core, intake would starve the sinks. A failing sink
+        does not count (the spool is there to hold its backlog), nor one already catching up
+        from disk (holding the intake would only move that backlog back to the broker).
+        """
+        head = self.spool.committed_seq + self.spool.pending
+        limit = 4 * self.settings.batch_max_messages
+        window = self.spool.memory_first_seq
+        return any(
+            head - taken > limit and taken + 1 >= window and self.sink_errors[sink] is None
+            for sink, taken in self._taken.items()
+        )
+
+    async def _hold_intake(self, client: aiomqtt.Client, paho: Any) -> None:
+        """Stop reading the broker's socket until the sinks have caught up (at most a second
+        at a time, so keepalive replies are still read); the broker keeps what waits."""
+        sock = getattr(paho, "_sock", None)
+        disconnected = getattr(client, "_disconnected", None)
+        if sock is None or not isinstance(disconnected, asyncio.Future):
+            return
+        fd = sock.fileno()
+        loop = asyncio.get_running_loop()
+
+        def read() -> None:
+            # What aiomqtt's own reader does (aiomqtt/client.py `_on_socket_open`).
+            try:
+                while True:
+                    paho.loop_read()
+                    current = paho._sock
+                    if current is not None and getattr(current, "pending", lambda: 0)() > 0:
+                        continue
+                    break
+            except Exception as exc:
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        started = time.monotonic()
+        loop.remove_reader(fd)
+        try:
+            while self._sinks_behind():
+                remaining = 1.0 - (time.monotonic() - started)
+                if remaining <= 0:
+                    break
+                self._sink_progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._sink_progress.wait(), remaining)
+        finally:
+            if paho._sock is sock and sock.fileno() >= 0:
+                loop.add_reader(fd, read)
+            self.intake_held_s += time.monotonic() - started
 
     async def _accept(self, message: aiomqtt.Message) -> None:
         if self._room_for_more():
@@ -407,7 +531,8 @@ class Collector:
                 break
             backoff.succeeded()
             self.sink_errors[sink] = None
-            position = chunks[-1].last_seq
+            position = self._taken[sink] = chunks[-1].last_seq
+            self._sink_progress.set()
             await self.spool.confirm(sink, position)
 
     async def _retry_until_done(self, sink: str, action: Callable[[], Awaitable[None]]) -> None:
@@ -466,7 +591,8 @@ class Collector:
             chunks = await self.spool.read(processed, self.settings.batch_max_messages)
             for chunk in chunks:
                 await self._add_to_epoch(epoch, self._decoded(chunk))
-                processed = chunk.last_seq
+                processed = self._taken["archive"] = chunk.last_seq
+                self._sink_progress.set()
             if not epoch.lines:
                 # Nothing open (only rejected messages so far): nothing to wait for.
                 if processed > self.spool.confirmed["archive"]:

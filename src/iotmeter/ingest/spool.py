@@ -233,6 +233,11 @@ class Spool:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def memory_first_seq(self) -> int:
+        """The first record a sink can still read from memory (later ones: all of them)."""
+        return self._recent[0].first_seq if self._recent else self.committed_seq + 1
+
     async def commit(self) -> int:
         """Write and fsync what was appended; returns the last committed seq."""
         async with self._commit_lock:
