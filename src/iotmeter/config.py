@@ -62,9 +62,9 @@ class Settings(BaseSettings):
         30,
         ge=1,
         le=200,
-        description="PostgreSQL connections kept open; size it to the requests usually in "
-        "flight. Bursts open up to a third as many again, each closed when returned: keep 4/3 "
-        "of this (per process) under the server's `max_connections` (default 100).",
+        description="PostgreSQL connections per process, kept open; a request finding all "
+        "in use waits for one (10 s at most, then 503). Keep the sum over processes under the "
+        "server's `max_connections` (default 100).",
     )
 
     # MQTT.

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -18,7 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from iotmeter.config import normalize_database_url
+from iotmeter.config import env_name, normalize_database_url
 from iotmeter.errors import BackendUnavailable
 
 
@@ -31,12 +32,14 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def build_engine(url: str, *, pool_size: int = 30) -> AsyncEngine:
+def build_engine(url: str, *, pool_size: int = 30, pool_timeout_s: float = 10.0) -> AsyncEngine:
     """Create the engine; for SQLite, also create the file's folder.
 
-    A connection opened beyond `pool_size` is closed when returned, so a pool smaller than
-    the requests in flight connects and disconnects all the time (a server process and a
-    TLS attempt each); a third as many again absorb bursts.
+    PostgreSQL: at most `pool_size` connections, all kept open; a checkout beyond them waits
+    up to `pool_timeout_s` for one to come back (then 503). No overflow: SQLAlchemy closes an
+    overflow connection as soon as it is returned, so with the event loop busy (a request
+    holds its connection until it runs again) overflow meant connecting and disconnecting
+    all the time, a server process and a TLS attempt each, where waiting costs nothing.
 
     No pre-ping: it would cost a round trip (three outside a transaction) on every checkout.
     After a PostgreSQL restart the first statement on each stale connection fails instead;
@@ -52,19 +55,25 @@ def build_engine(url: str, *, pool_size: int = 30) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size // 3, pool_timeout=10
+        url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s
     )
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """Whether a database error means the server is unreachable (not a bad statement)."""
-    if isinstance(exc, (OperationalError, InterfaceError, OSError)):
+    """Whether a database error means the server is unreachable or every pooled connection
+    is busy (not a bad statement)."""
+    if isinstance(exc, (OperationalError, InterfaceError, OSError, PoolTimeout)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def unavailable(exc: BaseException) -> BackendUnavailable:
     """The project's 503 for a database that cannot be reached."""
+    if isinstance(exc, PoolTimeout):
+        return BackendUnavailable(
+            f"database busy: no pooled connection came free in time "
+            f"({env_name('database_pool_size')}); try again"
+        )
     orig = getattr(exc, "orig", None) or exc
     detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     return BackendUnavailable(f"database unavailable, try again: {detail}")
@@ -97,7 +106,7 @@ class Database:
         try:
             async with self.autocommit_engine.connect() as connection:
                 yield connection
-        except (DBAPIError, OSError) as exc:
+        except (DBAPIError, OSError, PoolTimeout) as exc:
             if is_unavailable(exc):
                 raise unavailable(exc) from exc
             raise
