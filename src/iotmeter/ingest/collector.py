@@ -117,6 +117,11 @@ def _tune_paho(paho: Any) -> None:
     """Cheaper reception for the connection just opened (see the two classes above)."""
     if hasattr(paho, "_on_message_filtered"):
         paho._on_message_filtered = _NoFilteredCallbacks()
+    paho_logger = getattr(paho, "_logger", None)
+    if isinstance(paho_logger, logging.Logger) and not paho_logger.isEnabledFor(logging.DEBUG):
+        # paho formats a debug line for every packet (aiomqtt hands it its logger); below
+        # DEBUG nobody reads them. Warnings and errors are logged by aiomqtt and by us.
+        paho.disable_logger()
     sock = getattr(paho, "_sock", None)
     if type(sock) is socket.socket:  # not TLS: an SSL socket buffers by itself
         paho._sock = _BufferedSocket(sock)
