@@ -7,6 +7,7 @@ upsert on the primary key, so replaying a batch changes nothing.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -20,14 +21,20 @@ from iotmeter.errors import BackendUnavailable, ValidationFailed
 from iotmeter.ingest.models import ReadingSet
 from iotmeter.storage.timeseries.base import SeriesPoint, SeriesQuery
 
+# One statement, one round trip, the arrays sent once: the points are upserted and the newest
+# point per device and field moves `telemetry_latest` (a CTE that writes runs exactly once).
 _PG_WRITE = """
-INSERT INTO telemetry (device_id, field, epoch_us, value)
-SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::float8[])
-ON CONFLICT (device_id, field, epoch_us) DO UPDATE SET value = EXCLUDED.value
-"""
-_PG_LATEST = """
+WITH input AS (
+    SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::float8[])
+        AS point (device_id, field, epoch_us, value)
+), written AS (
+    INSERT INTO telemetry (device_id, field, epoch_us, value)
+    SELECT device_id, field, epoch_us, value FROM input
+    ON CONFLICT (device_id, field, epoch_us) DO UPDATE SET value = EXCLUDED.value
+)
 INSERT INTO telemetry_latest AS latest (device_id, field, epoch_us, value)
-SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bigint[], $4::float8[])
+SELECT DISTINCT ON (device_id, field) device_id, field, epoch_us, value FROM input
+ORDER BY device_id, field, epoch_us DESC
 ON CONFLICT (device_id, field) DO UPDATE SET epoch_us = EXCLUDED.epoch_us, value = EXCLUDED.value
 WHERE EXCLUDED.epoch_us >= latest.epoch_us
 """
@@ -70,7 +77,28 @@ def _rows(readings: Sequence[ReadingSet]) -> tuple[list[Row], list[Row]]:
     )
 
 
-def _columns(rows: list[Row]) -> tuple[list[str], list[str], list[int], list[float]]:
+Columns = tuple[list[str], list[str], list[int], list[float]]
+
+
+def _point_columns(readings: Sequence[ReadingSet]) -> Columns:
+    """Every point as four arrays, deduplicated (last write wins) only if it needs to be: a
+    point repeats only when a (device, time) does, as a redelivered message does."""
+    if len({(reading.device_id, reading.epoch_us) for reading in readings}) < len(readings):
+        return _columns(_rows(readings)[0])
+    devices: list[str] = []
+    fields: list[str] = []
+    times: list[int] = []
+    values: list[float] = []
+    for reading in readings:
+        count = len(reading.values)
+        devices.extend(itertools.repeat(reading.device_id, count))
+        fields.extend(reading.values)
+        times.extend(itertools.repeat(reading.epoch_us, count))
+        values.extend(map(float, reading.values.values()))
+    return devices, fields, times, values
+
+
+def _columns(rows: list[Row]) -> Columns:
     return (
         [row[0] for row in rows],
         [row[1] for row in rows],
@@ -92,26 +120,23 @@ class SqlTimeSeriesStore:
 
     async def write(self, readings: Sequence[ReadingSet]) -> None:
         """Upsert every value of every reading set in one transaction."""
-        points, newest = _rows(readings)
-        if not points:
-            return
         try:
+            if self.database.dialect == "postgresql":
+                columns = _point_columns(readings)
+                if not columns[0]:
+                    return
+                async with self.database.engine.begin() as connection:
+                    raw = await connection.get_raw_connection()
+                    driver: Any = raw.driver_connection
+                    await driver.execute(_PG_WRITE, *columns)
+                return
+            points, newest = _rows(readings)
+            if not points:
+                return
             async with self.database.engine.begin() as connection:
-                if self.database.dialect == "postgresql":
-                    await self._write_postgresql(connection, points, newest)
-                else:
-                    await self._write_sqlite(connection, points, newest)
+                await self._write_sqlite(connection, points, newest)
         except (OperationalError, DBAPIError, OSError) as exc:
             raise BackendUnavailable(f"time-series write failed: {exc}") from exc
-
-    @staticmethod
-    async def _write_postgresql(
-        connection: AsyncConnection, points: list[Row], newest: list[Row]
-    ) -> None:
-        raw = await connection.get_raw_connection()
-        driver: Any = raw.driver_connection
-        await driver.execute(_PG_WRITE, *_columns(points))
-        await driver.execute(_PG_LATEST, *_columns(newest))
 
     @staticmethod
     async def _write_sqlite(
