@@ -4,10 +4,13 @@ stalling — while the archive keeps progressing."""
 
 from __future__ import annotations
 
+import threading
+import time
 from itertools import pairwise
 from pathlib import Path
 
 import orjson
+import paho.mqtt.client as mqtt
 
 from iotmeter.config import Settings
 from tests.conftest import make_settings
@@ -128,3 +131,68 @@ async def test_a_stalled_time_series_store_does_not_stop_the_archive(
                 within=30,
                 what="the time series to catch up",
             )
+
+
+async def test_a_full_spool_stops_acking_then_resumes_and_loses_nothing(
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """InfluxDB refuses every write, so the spool (1 MiB here) fills: the collector stops
+    acking, `/ready` says why, and once InfluxDB is back every message is stored."""
+    count = 2500  # ~1 KiB each: twice what the spool may hold
+    padding = "x" * 1000
+    messages = [
+        (f"iot/full-{i % 5}/telemetry", orjson.dumps({"seq": i, "t": float(i), "note": padding}))
+        for i in range(count)
+    ]
+    async with FakeInflux() as influx:
+        settings = influx_settings(empty_pg_url, tmp_path, mosquitto, influx).model_copy(
+            update={"spool_max_bytes": 1 << 20, "spool_segment_bytes": 1 << 16}
+        )
+        async with start_app(settings) as api:
+            influx.fail_next("write", 503, times=1_000_000, retry_after="0.2")
+            publisher = threading.Thread(
+                target=publish_patiently, args=(mosquitto.port, messages, 120), daemon=True
+            )
+            publisher.start()
+            ready = await eventually(
+                lambda: api.get("/ready"),
+                lambda r: r.status_code == 503 and "spool full" in r.text,
+                within=60,
+                what="/ready saying the spool is full",
+            )
+            assert "IOTMETER_SPOOL_MAX_BYTES" in ready.text
+            stats = (await api.get("/api/v1/stats")).json()
+            assert stats["spool"]["full"] is True
+            assert stats["messages"]["received"] < count  # the rest waits at the broker
+
+            influx.injected["write"].clear()
+            await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: r.json()["messages"]["stored"] == count,
+                within=90,
+                what=f"all {count} stored once InfluxDB is back",
+            )
+            await eventually(
+                lambda: api.get("/ready"), lambda r: r.status_code == 200, what="/ready again"
+            )
+            assert (await api.get("/api/v1/stats")).json()["spool"]["full"] is False
+        publisher.join(30)
+        assert not publisher.is_alive()
+        assert influx.point_count() == count  # `t` of every message
+
+
+def publish_patiently(broker_port: int, messages: list[tuple[str, bytes]], within: float) -> None:
+    """Publish QoS 1 and wait for every PUBACK, however long the app holds them back."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="patient-device")
+    client.max_inflight_messages_set(100)
+    client.connect("127.0.0.1", broker_port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+        deadline = time.monotonic() + within
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            assert info.is_published()
+    finally:
+        client.loop_stop()
+        client.disconnect()

@@ -12,13 +12,12 @@ only once all of them have confirmed it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -259,6 +258,11 @@ class Collector:
         self.last_error: str | None = None
         self.spool_full_since: float | None = None
         self._paho: Any = None
+        self._client: aiomqtt.Client | None = None
+        # Delivered while there was no room: (topic, payload, qos, mid), admitted in order.
+        self._waiting: deque[tuple[str, bytes, int, int]] = deque()
+        self._hold_task: asyncio.Task[None] | None = None
+        self._since_sink_check = 0
         self._generation = 0
         self._unacked: list[tuple[int, int]] = []
         self._work = asyncio.Event()
@@ -324,37 +328,53 @@ class Collector:
             )
             # Before connecting: a persistent session gets its queued messages right away.
             paho = _enable_manual_ack(client)
+            # Messages go straight from paho's (public) callback into the spool: aiomqtt's
+            # Message objects, its queue and its iterator's task per message cost more than
+            # the rest of the intake. aiomqtt still owns the connection and its loss.
+            paho.on_message = self._on_paho_message
             try:
                 async with client:
                     _tune_paho(paho)
                     self._generation += 1
                     self._paho = paho
+                    self._client = client
                     await client.subscribe(TOPIC_FILTER, qos=1)
                     self.connected = True
                     self.last_error = None
                     backoff.succeeded()
                     logger.info("collector subscribed to %s", TOPIC_FILTER)
-                    # aiomqtt's iterator starts a task per message (to notice a lost
-                    # connection while waiting); under load the queue is rarely empty, so what
-                    # is already queued is taken directly and the iterator only waits.
-                    queue = getattr(client, "_queue", None)
-                    async for message in client.messages:
-                        await self._accept(message)
-                        taken = 1
-                        while queue is not None and not queue.empty():
-                            await self._accept(queue.get_nowait())
-                            taken += 1
-                            # Under load the queue refills while acks are awaited: look at
-                            # the sinks every so often, not only when it runs dry.
-                            if taken % 64 == 0 and self._sinks_behind():
-                                await self._hold_intake(client, paho)
-                        if self._sinks_behind():
-                            await self._hold_intake(client, paho)
+                    async for _message in client.messages:
+                        pass  # never yields: it raises when the connection is lost
             except aiomqtt.MqttError as exc:
                 self.connected = False
                 self._paho = None
+                self._client = None
+                self._waiting.clear()  # not acked: the broker sends them again
                 self.last_error = str(exc)
                 await asyncio.sleep(backoff.failed(exc))
+
+    def _on_paho_message(self, _paho: Any, _userdata: Any, message: Any) -> None:
+        """paho's on_message, on the event loop (aiomqtt runs paho's reads there)."""
+        try:
+            topic: str = message.topic
+        except UnicodeDecodeError:
+            # Brokers refuse such topics; if one came, the decoder dead-letters it.
+            topic = bytes(getattr(message, "_topic", b"")).decode("utf-8", "replace")
+        payload = message.payload
+        if not isinstance(payload, bytes):
+            payload = bytes(payload)
+        if self._waiting or not self._room_for_more():
+            # Held (unacked, in order) until there is room; the broker's in-flight window
+            # bounds how many.
+            self._waiting.append((topic, payload, message.qos, message.mid))
+            self._request_hold()
+            return
+        self._admit(topic, payload, message.qos, message.mid)
+        self._since_sink_check += 1
+        if self._since_sink_check >= 64:
+            self._since_sink_check = 0
+            if self._sinks_behind():
+                self._request_hold()
 
     def _sinks_behind(self) -> bool:
         """Whether a working sink has fallen behind the intake while still reading memory.
@@ -373,12 +393,21 @@ class Collector:
             for sink, taken in self._taken.items()
         )
 
-    async def _hold_intake(self, client: aiomqtt.Client, paho: Any) -> None:
-        """Stop reading the broker's socket until the sinks have caught up (at most a second
-        at a time, so keepalive replies are still read); the broker keeps what waits."""
+    def _request_hold(self) -> None:
+        if self._hold_task is None or self._hold_task.done():
+            self._hold_task = asyncio.get_running_loop().create_task(
+                self._hold_intake(), name="collector-hold-intake"
+            )
+
+    async def _hold_intake(self) -> None:
+        """Stop reading the broker's socket while there is no room (spool full, too many
+        unacked) or a working sink lags; the broker keeps what waits. At most a second at a
+        time: keepalive replies must still be read."""
+        paho, client = self._paho, self._client
         sock = getattr(paho, "_sock", None)
         disconnected = getattr(client, "_disconnected", None)
-        if sock is None or not isinstance(disconnected, asyncio.Future):
+        if paho is None or sock is None or not isinstance(disconnected, asyncio.Future):
+            await self._admit_waiting()
             return
         fd = sock.fileno()
         loop = asyncio.get_running_loop()
@@ -399,24 +428,24 @@ class Collector:
         started = time.monotonic()
         loop.remove_reader(fd)
         try:
-            while self._sinks_behind():
-                remaining = 1.0 - (time.monotonic() - started)
-                if remaining <= 0:
-                    break
-                self._sink_progress.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._sink_progress.wait(), remaining)
+            async with asyncio.timeout(1.0):
+                await self._admit_waiting()
+                while self._sinks_behind():
+                    self._sink_progress.clear()
+                    await self._sink_progress.wait()
+        except TimeoutError:
+            pass
         finally:
             if paho._sock is sock and sock.fileno() >= 0:
                 loop.add_reader(fd, read)
             self.intake_held_s += time.monotonic() - started
 
-    async def _accept(self, message: aiomqtt.Message) -> None:
-        if self._room_for_more():
-            self._admit(message)
-            return
-        await self._wait_for_room()
-        self._admit(message)
+    async def _admit_waiting(self) -> None:
+        while self._waiting:
+            if not self._room_for_more():
+                await self._wait_for_room()
+                continue
+            self._admit(*self._waiting.popleft())
 
     def _room_for_more(self) -> bool:
         return (
@@ -447,14 +476,10 @@ class Collector:
             self._work.set()
             await self._committed.wait()
 
-    def _admit(self, message: aiomqtt.Message) -> None:
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
-            payload = str(payload).encode()
-        topic = message.topic.value
-        self.spool.append(topic, bytes(payload), time.time_ns() // 1000)
-        if message.qos > 0:
-            self._unacked.append((self._generation, message.mid))
+    def _admit(self, topic: str, payload: bytes, qos: int, mid: int) -> None:
+        self.spool.append(topic, payload, time.time_ns() // 1000)
+        if qos > 0:
+            self._unacked.append((self._generation, mid))
         self.stats.message_received(device_id_from_topic(topic))
         self._work.set()
 
