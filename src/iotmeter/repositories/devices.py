@@ -73,8 +73,16 @@ def _list_statements(filters: tuple[str, ...]) -> tuple[Select[Any], Select[Any]
     return page, count
 
 
-DeviceRow = Row[*tuple[Any, ...]]
-"""A device as read by `DeviceReader`: the attributes of `Device`, without the ORM."""
+_DEVICE_FIELDS = tuple(column.name for column in _DEVICE_COLUMNS)
+
+DeviceRow = dict[str, Any]
+"""A device as read by `DeviceReader`: the attributes of `Device` by name, without the ORM."""
+
+
+def _device(row: Row[*tuple[Any, ...]]) -> DeviceRow:
+    # zip() stops at the device's columns (a page's rows carry the total after them), and is
+    # several times faster than Row._asdict().
+    return dict(zip(_DEVICE_FIELDS, row, strict=False))
 
 
 class DeviceReader:
@@ -85,7 +93,8 @@ class DeviceReader:
 
     async def get(self, device_id: str) -> DeviceRow | None:
         result = await self.connection.execute(_GET, {"device_id": device_id})
-        return result.first()
+        row = result.first()
+        return None if row is None else _device(row)
 
     async def exists(self, device_id: str) -> bool:
         result = await self.connection.execute(_EXISTS, {"device_id": device_id})
@@ -115,11 +124,11 @@ class DeviceReader:
         result = await self.connection.execute(page, {**filters, "limit": limit, "offset": offset})
         rows = result.all()
         if rows:
-            return rows, int(rows[0].total)
+            return [_device(row) for row in rows], int(rows[0].total)
         if offset == 0:
-            return rows, 0
+            return [], 0
         # A page past the end has no row to carry the count.
-        return rows, int(await self.connection.scalar(count, filters) or 0)
+        return [], int(await self.connection.scalar(count, filters) or 0)
 
 
 class DeviceRepository:
