@@ -155,3 +155,24 @@ async def test_bad_messages_are_dead_lettered_and_good_ones_stored(
     stats = (await ingest_api.get("/api/v1/stats")).json()
     assert stats["messages"]["rejected"] == 5
     assert stats["messages"]["rejected_by_reason"]["not_json"] == 1
+
+
+async def test_messages_held_back_for_room_are_all_taken_even_when_no_more_arrive(
+    ingest_settings: Settings, mosquitto: Mosquitto
+) -> None:
+    """With one unacked message allowed and a slow group commit, almost every message waits
+    for room; the last ones must not wait for a next message that never comes."""
+    settings = ingest_settings.model_copy(
+        update={"mqtt_max_inflight": 1, "spool_commit_interval_s": 0.3}
+    )
+    messages = [
+        ("iot/held-1/telemetry", orjson.dumps({"seq": i, "t": float(i)})) for i in range(12)
+    ]
+    async with start_app(settings) as api:
+        publish(mosquitto.port, messages)  # the broker acks at once; the app takes them slowly
+        await eventually(
+            lambda: api.get("/api/v1/stats"),
+            lambda r: r.json()["messages"]["stored"] == len(messages),
+            within=30,
+            what="all 12 stored",
+        )

@@ -439,9 +439,13 @@ class Collector:
             if paho._sock is sock and sock.fileno() >= 0:
                 loop.add_reader(fd, read)
             self.intake_held_s += time.monotonic() - started
+            if self._waiting:
+                # Still no room after a second (or more came meanwhile): hold again, or what
+                # waits would wait for a next message that may never come.
+                loop.call_soon(self._request_hold)
 
     async def _admit_waiting(self) -> None:
-        while self._waiting:
+        while self._waiting and self._paho is not None:
             if not self._room_for_more():
                 await self._wait_for_room()
                 continue
