@@ -263,6 +263,7 @@ class Collector:
         self._waiting: deque[tuple[str, bytes, int, int]] = deque()
         self._hold_task: asyncio.Task[None] | None = None
         self._since_sink_check = 0
+        self._catching_up: set[str] = set()
         self._generation = 0
         self._unacked: list[tuple[int, int]] = []
         self._work = asyncio.Event()
@@ -377,21 +378,27 @@ class Collector:
                 self._request_hold()
 
     def _sinks_behind(self) -> bool:
-        """Whether a working sink has fallen behind the intake while still reading memory.
+        """Whether a working sink has fallen behind the intake.
 
         Taking messages faster than the sinks store them only moves the backlog from the broker
         into the spool, and once a sink has to read it back from disk (and decode it again)
         every message costs more: on one core, intake would starve the sinks. A failing sink
-        does not count (the spool is there to hold its backlog), nor one already catching up
-        from disk (holding the intake would only move that backlog back to the broker).
+        does not count, nor one catching up after a failure: the spool is there to hold an
+        outage's backlog, which the broker may not (its queue is bounded).
         """
         head = self.spool.committed_seq + self.spool.pending
         limit = 4 * self.settings.batch_max_messages
         window = self.spool.memory_first_seq
-        return any(
-            head - taken > limit and taken + 1 >= window and self.sink_errors[sink] is None
-            for sink, taken in self._taken.items()
-        )
+        behind = False
+        for sink, taken in self._taken.items():
+            if self.sink_errors[sink] is not None:
+                self._catching_up.add(sink)
+            elif sink in self._catching_up:
+                if taken + 1 >= window:
+                    self._catching_up.discard(sink)  # back within memory: caught up
+            elif head - taken > limit:
+                behind = True
+        return behind
 
     def _request_hold(self) -> None:
         if self._hold_task is None or self._hold_task.done():
@@ -555,11 +562,13 @@ class Collector:
                     await store(decoded)
                 except BackendUnavailable as exc:
                     self.sink_errors[sink] = backoff.last_error = str(exc)
+                    self._catching_up.add(sink)
                     await asyncio.sleep(backoff.failed(exc, getattr(exc, "retry_after", None)))
                     continue
                 except Exception as exc:
                     logger.exception("%s sink failed unexpectedly; retrying", sink)
                     self.sink_errors[sink] = f"{type(exc).__name__}: {exc}"
+                    self._catching_up.add(sink)
                     await asyncio.sleep(backoff.failed(exc))
                     continue
                 break
@@ -576,11 +585,13 @@ class Collector:
                 await action()
             except BackendUnavailable as exc:
                 self.sink_errors[sink] = str(exc)
+                self._catching_up.add(sink)
                 await asyncio.sleep(backoff.failed(exc, getattr(exc, "retry_after", None)))
                 continue
             except Exception as exc:
                 logger.exception("%s sink failed unexpectedly; retrying", sink)
                 self.sink_errors[sink] = f"{type(exc).__name__}: {exc}"
+                self._catching_up.add(sink)
                 await asyncio.sleep(backoff.failed(exc))
                 continue
             backoff.succeeded()
