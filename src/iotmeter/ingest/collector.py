@@ -80,15 +80,21 @@ class _BufferedSocket:
     else is the socket's own.
     """
 
-    __slots__ = ("_buffer", "_offset", "_sock")
+    __slots__ = ("_buffer", "_offset", "_sock", "paused")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buffer = b""
         self._offset = 0
+        self.paused = False
+        """Set while the collector holds its intake: what is buffered is still handed out,
+        but nothing more is read, so the reader callback returns (its loop would otherwise
+        go on for as long as the broker keeps sending)."""
 
     def recv(self, size: int) -> bytes:
         if self._offset >= len(self._buffer):
+            if self.paused:
+                raise BlockingIOError
             data = self._sock.recv(max(size, _READ_SIZE))
             if len(data) <= size:
                 return data
@@ -401,6 +407,9 @@ class Collector:
         return behind
 
     def _request_hold(self) -> None:
+        sock = getattr(self._paho, "_sock", None)
+        if isinstance(sock, _BufferedSocket):
+            sock.paused = True
         if self._hold_task is None or self._hold_task.done():
             self._hold_task = asyncio.get_running_loop().create_task(
                 self._hold_intake(), name="collector-hold-intake"
@@ -414,6 +423,8 @@ class Collector:
         sock = getattr(paho, "_sock", None)
         disconnected = getattr(client, "_disconnected", None)
         if paho is None or sock is None or not isinstance(disconnected, asyncio.Future):
+            if isinstance(sock, _BufferedSocket):
+                sock.paused = False
             await self._admit_waiting()
             return
         fd = sock.fileno()
@@ -443,6 +454,8 @@ class Collector:
         except TimeoutError:
             pass
         finally:
+            if isinstance(sock, _BufferedSocket):
+                sock.paused = False
             if paho._sock is sock and sock.fileno() >= 0:
                 loop.add_reader(fd, read)
             self.intake_held_s += time.monotonic() - started
