@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from iotmeter import __version__
@@ -136,14 +136,16 @@ def create_app(
             allow_headers=["*"],
         )
     install_error_handlers(app)
-    api = APIRouter(prefix="/api/v1")
-    api.include_router(devices.router)
-    api.include_router(alerts.router)
-    api.include_router(telemetry.router)
-    api.include_router(raw.router)
-    api.include_router(dead_letters.router)
-    api.include_router(stats.router)
-    app.include_router(api)
+    # Each router straight on the app: FastAPI walks nested routers on every request.
+    for router in (
+        devices.router,
+        alerts.router,
+        telemetry.router,
+        raw.router,
+        dead_letters.router,
+        stats.router,
+    ):
+        app.include_router(router, prefix="/api/v1")
     app.include_router(health.router)
     return app
 
