@@ -41,6 +41,10 @@ class SpoolStats(BaseModel):
     oldest_unconfirmed_age_s: float | None
     lag_by_sink: dict[str, int]
     failing_sinks: dict[str, str]
+    intake_held_s: float = Field(
+        description="Seconds since start the collector stopped reading from the broker "
+        "because a sink lagged or there was no room (the broker kept those messages)."
+    )
 
 
 class Stats(BaseModel):
@@ -65,6 +69,7 @@ def _spool_stats(state: AppState) -> SpoolStats | None:
         oldest_unconfirmed_age_s=spool.oldest_unconfirmed_age_s(),
         lag_by_sink=spool.lag(),
         failing_sinks={name: error for name, error in collector.sink_errors.items() if error},
+        intake_held_s=round(collector.intake_held_s, 3),
     )
 
 
