@@ -48,6 +48,11 @@ def device_id(index: int) -> str:
     return f"bench-{index:05d}"
 
 
+def history_device_id(index: int) -> str:
+    """A device with a seeded past hour (role `history`), for the telemetry query test."""
+    return f"hist-{index:05d}"
+
+
 def broker_address(url: str) -> tuple[str, int, str | None, str | None]:
     parts = urlsplit(url)
     return (
@@ -391,6 +396,9 @@ ENDPOINTS: dict[str, Callable[[random.Random, int], str]] = {
     "telemetry": lambda rng, n: (
         f"/api/v1/devices/{device_id(rng.randrange(n))}/telemetry?start=-1h&every=1m"
     ),
+    "telemetry_history": lambda rng, n: (
+        f"/api/v1/devices/{history_device_id(rng.randrange(n))}/telemetry?start=-1h&every=1m"
+    ),
 }
 
 
@@ -669,6 +677,58 @@ async def run_register(args: argparse.Namespace, _loop_name: str) -> None:
     emit(done=True, registered=args.count, seconds=time.perf_counter() - started)
 
 
+async def run_history(args: argparse.Namespace, _loop_name: str) -> None:
+    """Register `count` history devices and give each the past `--hours` of 4-field readings
+    every `--interval` seconds, written through the app's own SQL time-series store."""
+    from iotmeter.db.engine import Database, build_engine
+    from iotmeter.ingest.models import ReadingSet
+    from iotmeter.repositories.devices import DeviceRepository
+    from iotmeter.storage.timeseries.sql import SqlTimeSeriesStore
+
+    started = time.perf_counter()
+    database = Database(build_engine(args.database_url))
+    store = SqlTimeSeriesStore(database)
+    now_us = time.time_ns() // 1000
+    steps = int(args.hours * 3600 / args.interval)
+    step_us = int(args.interval * 1_000_000)
+    written = 0
+    try:
+        async with database.transaction() as session:
+            await DeviceRepository(session).register_missing(
+                {history_device_id(n): "bench" for n in range(args.count)}
+            )
+        batch: list[ReadingSet] = []
+        for step in range(steps):
+            epoch_us = now_us - (steps - step) * step_us
+            for n in range(args.count):
+                device = history_device_id(n)
+                batch.append(
+                    ReadingSet(
+                        device_id=device,
+                        epoch_us=epoch_us,
+                        values={
+                            "temperature": 20.0 + (step % 50) / 10,
+                            "humidity": 40.0 + (step % 30) / 10,
+                            "voltage": 230.0 + (step % 7) / 10,
+                            "power": 100.0 + (step % 13),
+                        },
+                        topic=f"iot/{device}/telemetry",
+                        received_at_us=epoch_us,
+                        raw=b"{}",
+                    )
+                )
+            if len(batch) >= 5000:
+                await store.write(batch)
+                written += len(batch)
+                batch = []
+        if batch:
+            await store.write(batch)
+            written += len(batch)
+    finally:
+        await database.close()
+    emit(done=True, devices=args.count, reading_sets=written, seconds=time.perf_counter() - started)
+
+
 async def run_inspect(_args: argparse.Namespace, _loop_name: str) -> None:
     """Which iotmeter the app runs, and whether it knows the settings the harness passes."""
     import iotmeter
@@ -738,6 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--database-url", required=True)
     register.add_argument("--count", type=int, required=True)
 
+    history = roles.add_parser("history")
+    history.add_argument("--database-url", required=True)
+    history.add_argument("--count", type=int, default=100)
+    history.add_argument("--hours", type=float, default=1.0)
+    history.add_argument("--interval", type=float, default=10.0, help="seconds between readings")
+
     roles.add_parser("inspect")
     return parser
 
@@ -757,6 +823,7 @@ def main() -> None:
         "http": run_http,
         "s3-put": run_s3_puts,
         "register": run_register,
+        "history": run_history,
         "inspect": run_inspect,
     }
     asyncio.run(roles[args.role](args, loop_name))

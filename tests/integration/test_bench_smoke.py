@@ -61,7 +61,15 @@ def test_harness_smoke_run_measures_everything_and_loses_nothing(tmp_path: Path)
     assert puts["failures"] == 0
 
     api = summary["api"]
-    assert set(api) == {"device_get", "device_list", "telemetry_1h_1m", "device_get_open_loop"}
+    assert set(api) == {
+        "device_get",
+        "device_list",
+        "telemetry_1h_1m",
+        "telemetry_1h_1m_10s_device",
+        "device_get_open_loop",
+    }
+    # The seeded hour behind the telemetry test: 100 devices, a reading set every 10 s.
+    assert summary["history"]["reading_sets"] == 100 * 360
     for name, figures in api.items():
         assert figures["ok"] > 0, name
         assert set(figures["statuses"]) == {"200"}, (name, figures["statuses"])
