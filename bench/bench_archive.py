@@ -124,7 +124,7 @@ async def main(count: int, batch: int) -> None:
                 await s3.put(readings(1, start_us - 10**9))  # the bucket's first-write cost
                 rate, cpu_ms = await through_store(s3, items, batch)
             print(
-                f"S3 store, signed PUT (concurrency {concurrency}):{rate:>11,.0f} documents/s, "
+                f"S3 store, SignedPut (concurrency {concurrency}):{rate:>11,.0f} documents/s, "
                 f"{cpu_ms:.3f} ms CPU each"
             )
 
