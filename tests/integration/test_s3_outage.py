@@ -79,20 +79,6 @@ async def until_healthy(store: S3ArchiveStore, within_s: float = 30.0) -> None:
             await asyncio.sleep(0.2)
 
 
-async def until_put(
-    store: S3ArchiveStore, readings: list[ReadingSet], within_s: float = 30.0
-) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            await store.put(readings)
-            return
-        except BackendUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-
-
 async def bucket_exists(server: SeaweedFS, bucket: str) -> bool:
     async with get_session().create_client(
         "s3",
@@ -156,7 +142,7 @@ async def test_s3_down_at_open_does_not_fail_and_the_bucket_comes_later(
             await until_healthy(store)
             # The first write after a restart may outlast the quick timeouts while SeaweedFS
             # assigns a volume (seen on a loaded machine); the collector retries, so do we.
-            await until_put(store, [reading(1)])
+            await put_within(store, [reading(1)], 30.0)
             assert await bucket_exists(server, bucket)
             assert (await store.get(reading(1).archive_key)).body == encode_archive_document(
                 reading(1)
