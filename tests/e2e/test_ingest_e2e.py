@@ -176,5 +176,3 @@ async def test_messages_held_back_for_room_are_all_taken_even_when_no_more_arriv
             within=30,
             what="all 12 stored",
         )
-        # The waits show in the stats: the collector stopped reading while it had no room.
-        assert (await api.get("/api/v1/stats")).json()["spool"]["intake_held_s"] > 0

@@ -196,3 +196,28 @@ def publish_patiently(broker_port: int, messages: list[tuple[str, bytes]], withi
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+async def test_a_slow_sink_holds_the_intake_and_everything_is_stored(
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """InfluxDB answers every write, but slowly: the collector stops reading from the broker
+    while the time-series sink is more than four batches behind, and nothing is lost."""
+    count = 300
+    async with FakeInflux() as influx:
+        settings = influx_settings(empty_pg_url, tmp_path, mosquitto, influx).model_copy(
+            update={"batch_max_messages": 5}
+        )
+        async with start_app(settings) as api:
+            influx.delay_next("write", 0.1, times=count)
+            publish(mosquitto.port, readings("slow-1", count))
+            await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: r.json()["messages"]["stored"] == count,
+                within=90,
+                what=f"all {count} stored by the slow sink",
+            )
+            stats = (await api.get("/api/v1/stats")).json()
+            assert stats["spool"]["intake_held_s"] > 0
+            assert stats["spool"]["failing_sinks"] == {}
+        assert influx.point_count() == count

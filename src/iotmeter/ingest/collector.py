@@ -268,6 +268,7 @@ class Collector:
         # Delivered while there was no room: (topic, payload, qos, mid), admitted in order.
         self._waiting: deque[tuple[str, bytes, int, int]] = deque()
         self._hold_task: asyncio.Task[None] | None = None
+        self._admit_task: asyncio.Task[None] | None = None
         self._since_sink_check = 0
         self._catching_up: set[str] = set()
         self._generation = 0
@@ -370,18 +371,21 @@ class Collector:
         payload = message.payload
         if not isinstance(payload, bytes):
             payload = bytes(payload)
-        if self._waiting or not self._room_for_more():
-            # Held (unacked, in order) until there is room; the broker's in-flight window
-            # bounds how many.
-            self._waiting.append((topic, payload, message.qos, message.mid))
-            self._request_hold()
-            return
-        self._admit(topic, payload, message.qos, message.mid)
         self._since_sink_check += 1
         if self._since_sink_check >= 64:
             self._since_sink_check = 0
             if self._sinks_behind():
                 self._request_hold()
+        if self._waiting or not self._room_for_more():
+            # Kept (unacked, in order) until there is room; the broker's in-flight window
+            # bounds how many. Reading goes on, so keepalive replies are still seen.
+            self._waiting.append((topic, payload, message.qos, message.mid))
+            if self._admit_task is None or self._admit_task.done():
+                self._admit_task = asyncio.get_running_loop().create_task(
+                    self._admit_waiting(), name="collector-admit-waiting"
+                )
+            return
+        self._admit(topic, payload, message.qos, message.mid)
 
     def _sinks_behind(self) -> bool:
         """Whether a working sink has fallen behind the intake.
@@ -416,16 +420,14 @@ class Collector:
             )
 
     async def _hold_intake(self) -> None:
-        """Stop reading the broker's socket while there is no room (spool full, too many
-        unacked) or a working sink lags; the broker keeps what waits. At most a second at a
-        time: keepalive replies must still be read."""
+        """Stop reading the broker's socket while a working sink lags; the broker keeps what
+        waits. At most a second at a time: keepalive replies must still be read."""
         paho, client = self._paho, self._client
         sock = getattr(paho, "_sock", None)
         disconnected = getattr(client, "_disconnected", None)
         if paho is None or sock is None or not isinstance(disconnected, asyncio.Future):
             if isinstance(sock, _BufferedSocket):
                 sock.paused = False
-            await self._admit_waiting()
             return
         fd = sock.fileno()
         loop = asyncio.get_running_loop()
@@ -447,7 +449,6 @@ class Collector:
         loop.remove_reader(fd)
         try:
             async with asyncio.timeout(1.0):
-                await self._admit_waiting()
                 while self._sinks_behind():
                     self._sink_progress.clear()
                     await self._sink_progress.wait()
@@ -459,12 +460,10 @@ class Collector:
             if paho._sock is sock and sock.fileno() >= 0:
                 loop.add_reader(fd, read)
             self.intake_held_s += time.monotonic() - started
-            if self._waiting:
-                # Still no room after a second (or more came meanwhile): hold again, or what
-                # waits would wait for a next message that may never come.
-                loop.call_soon(self._request_hold)
 
     async def _admit_waiting(self) -> None:
+        """Admit what was kept for want of room, in order, as room comes (until it is all in:
+        nothing may wait for a next delivery that might never come)."""
         while self._waiting and self._paho is not None:
             if not self._room_for_more():
                 await self._wait_for_room()

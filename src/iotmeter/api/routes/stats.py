@@ -43,7 +43,7 @@ class SpoolStats(BaseModel):
     failing_sinks: dict[str, str]
     intake_held_s: float = Field(
         description="Seconds since start the collector stopped reading from the broker "
-        "because a sink lagged or there was no room (the broker kept those messages)."
+        "because a working sink lagged (the broker kept those messages meanwhile)."
     )
 
 
