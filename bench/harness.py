@@ -51,9 +51,9 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -67,12 +67,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from load import broker_address, device_id  # noqa: E402
 from tests.fixtures.services import (  # noqa: E402
+    Mosquitto,
     create_pg_database,
     drop_pg_database,
     free_port,
     running_seaweedfs,
-    stop_process,
-    wait_for_port,
+    writable_by_mosquitto,
 )
 
 LOAD = ROOT / "bench" / "load.py"
@@ -159,55 +159,21 @@ def round_or_none(value: float | None, digits: int = 1) -> float | None:
 # --- services ----------------------------------------------------------------------------------
 
 
-@dataclass
-class BenchMosquitto:
-    """A private Mosquitto tuned for load: 1,000 in flight, a deep queue, no persistence."""
-
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        config = self.workdir / "mosquitto.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    f"listener {self.port} 127.0.0.1",
-                    "allow_anonymous true",
-                    "max_inflight_messages 1000",
-                    # The collector's persistent session must never drop a message: the whole
-                    # run's backlog fits (memory only; persistence is off).
-                    "max_queued_messages 100000000",
-                    "max_queued_bytes 0",
-                    "persistence false",
-                    "log_dest stderr",
-                    "log_type error",
-                    "log_type warning",
-                ]
-            )
-            + "\n"
-        )
-        with (self.workdir / "mosquitto.log").open("wb") as log:
-            self.process = subprocess.Popen(
-                ["mosquitto", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_for_port(self.port, 10, self.process)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-
-
 @contextlib.contextmanager
-def running_bench_mosquitto(workdir: Path) -> Any:
+def running_bench_mosquitto(workdir: Path) -> Iterator[Mosquitto]:
+    """The test suite's private Mosquitto, tuned for load: 1,000 in flight, no persistence,
+    and a queue the whole run's backlog fits in (the collector's persistent session must never
+    lose a message to it)."""
     if shutil.which("mosquitto") is None:
         raise HarnessError("mosquitto is not installed (apt-get install mosquitto)")
-    broker = BenchMosquitto(workdir)
+    writable_by_mosquitto(workdir)
+    broker = Mosquitto(
+        port=free_port(),
+        workdir=workdir,
+        persistence=False,
+        max_queued_messages=100_000_000,
+        max_inflight_messages=1000,
+    )
     try:
         broker.start()
         yield broker

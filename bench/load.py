@@ -758,7 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     publisher.add_argument("--count", type=int, default=1)
     publisher.add_argument("--devices", type=int, default=1000)
     publisher.add_argument("--duration", type=float, default=60)
-    publisher.add_argument("--rate", type=float, default=0, help="msg/s, 0: as fast as acked")
+    publisher.add_argument(
+        "--rate", type=float, default=0, help="msg/s, 0: a window ahead of the consumer"
+    )
     publisher.add_argument(
         "--window",
         type=int,

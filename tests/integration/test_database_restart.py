@@ -59,12 +59,17 @@ async def all_ok(api: httpx.AsyncClient) -> None:
         assert response.status_code == 200, response.text
 
 
-async def test_reads_answer_503_while_the_database_is_down_and_recover_after(
-    api: httpx.AsyncClient, postgres: PrivatePostgres
-) -> None:
+async def one_device_and_warm_pool(api: httpx.AsyncClient) -> None:
+    """Device d-1 registered, and every read route answered (the pool holds connections)."""
     created = await api.post(DEVICES, json={"id": "d-1", "name": "One", "type": "humidity"})
     assert created.status_code == 201, created.text
     await all_ok(api)
+
+
+async def test_reads_answer_503_while_the_database_is_down_and_recover_after(
+    api: httpx.AsyncClient, postgres: PrivatePostgres
+) -> None:
+    await one_device_and_warm_pool(api)
 
     await asyncio.to_thread(postgres.stop)
     for path in READS:
@@ -87,9 +92,7 @@ async def test_reads_answer_503_while_the_database_is_down_and_recover_after(
 async def test_a_restart_while_idle_costs_at_most_one_failed_request_per_route(
     api: httpx.AsyncClient, postgres: PrivatePostgres
 ) -> None:
-    created = await api.post(DEVICES, json={"id": "d-1", "name": "One", "type": "humidity"})
-    assert created.status_code == 201, created.text
-    await all_ok(api)
+    await one_device_and_warm_pool(api)
 
     await asyncio.to_thread(postgres.stop)
     await asyncio.to_thread(postgres.start)

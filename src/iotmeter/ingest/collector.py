@@ -12,6 +12,7 @@ only once all of them have confirmed it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -145,10 +146,8 @@ class Backoff:
         self.cap = cap
         self.delay = initial
         self.failing_since: float | None = None
-        self.last_error: str | None = None
 
     def failed(self, exc: BaseException, retry_after: float | None = None) -> float:
-        self.last_error = str(exc) or type(exc).__name__
         if self.failing_since is None:
             self.failing_since = time.monotonic()
             logger.warning("%s failing, retrying until it works: %s", self.what, exc)
@@ -164,7 +163,6 @@ class Backoff:
                 "%s recovered after %.1f s", self.what, time.monotonic() - self.failing_since
             )
         self.failing_since = None
-        self.last_error = None
         self.delay = self.initial
 
 
@@ -276,8 +274,9 @@ class Collector:
         self._work = asyncio.Event()
         self._committed = asyncio.Event()
         self.sink_errors: dict[str, str | None] = dict.fromkeys(SINKS)
-        # Where each sink has got to (stored, or for the segment layout taken into the epoch).
-        self._taken: dict[str, int] = dict(spool.confirmed)
+        # The segment layout's archive sink takes records into its open epoch long before it
+        # confirms them (once per epoch): how far it has taken them.
+        self._epoch_taken: int | None = None
         self.intake_held_s = 0.0
         self._sink_progress = asyncio.Event()
 
@@ -400,11 +399,12 @@ class Collector:
         limit = 4 * self.settings.batch_max_messages
         window = self.spool.memory_first_seq
         behind = False
-        for sink, taken in self._taken.items():
-            if self.sink_errors[sink] is not None:
-                self._catching_up.add(sink)
-            elif sink in self._catching_up:
-                if taken + 1 >= window:
+        for sink, confirmed in self.spool.confirmed.items():
+            taken = confirmed
+            if sink == "archive" and self._epoch_taken is not None:
+                taken = self._epoch_taken
+            if sink in self._catching_up:
+                if self.sink_errors[sink] is None and taken + 1 >= window:
                     self._catching_up.discard(sink)  # back within memory: caught up
             elif head - taken > limit:
                 behind = True
@@ -555,7 +555,6 @@ class Collector:
 
     async def _drain(self, sink: str, store: Callable[[list[Decoded]], Awaitable[None]]) -> None:
         position = self.spool.confirmed[sink]
-        backoff = Backoff(f"{sink} sink")
         batch_max = self.settings.batch_max_messages
         while True:
             await self.spool.wait_beyond(position, within=1.0)
@@ -569,26 +568,10 @@ class Collector:
             if not chunks:
                 continue
             decoded = [self._decoded(chunk) for chunk in chunks]
-            while True:
-                try:
-                    await store(decoded)
-                except BackendUnavailable as exc:
-                    self.sink_errors[sink] = backoff.last_error = str(exc)
-                    self._catching_up.add(sink)
-                    await asyncio.sleep(backoff.failed(exc, getattr(exc, "retry_after", None)))
-                    continue
-                except Exception as exc:
-                    logger.exception("%s sink failed unexpectedly; retrying", sink)
-                    self.sink_errors[sink] = f"{type(exc).__name__}: {exc}"
-                    self._catching_up.add(sink)
-                    await asyncio.sleep(backoff.failed(exc))
-                    continue
-                break
-            backoff.succeeded()
-            self.sink_errors[sink] = None
-            position = self._taken[sink] = chunks[-1].last_seq
-            self._sink_progress.set()
+            await self._retry_until_done(sink, functools.partial(store, decoded))
+            position = chunks[-1].last_seq
             await self.spool.confirm(sink, position)
+            self._sink_progress.set()
 
     async def _retry_until_done(self, sink: str, action: Callable[[], Awaitable[None]]) -> None:
         backoff = Backoff(f"{sink} sink")
@@ -596,19 +579,22 @@ class Collector:
             try:
                 await action()
             except BackendUnavailable as exc:
-                self.sink_errors[sink] = str(exc)
-                self._catching_up.add(sink)
+                self._sink_failed(sink, str(exc))
                 await asyncio.sleep(backoff.failed(exc, getattr(exc, "retry_after", None)))
                 continue
             except Exception as exc:
                 logger.exception("%s sink failed unexpectedly; retrying", sink)
-                self.sink_errors[sink] = f"{type(exc).__name__}: {exc}"
-                self._catching_up.add(sink)
+                self._sink_failed(sink, f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(backoff.failed(exc))
                 continue
             backoff.succeeded()
             self.sink_errors[sink] = None
             return
+
+    def _sink_failed(self, sink: str, error: str) -> None:
+        self.sink_errors[sink] = error
+        # Its backlog is the spool's to hold: exempt from holding the intake until caught up.
+        self._catching_up.add(sink)
 
     # --- the segment archive layout ------------------------------------------------------------
 
@@ -648,7 +634,7 @@ class Collector:
             chunks = await self.spool.read(processed, self.settings.batch_max_messages)
             for chunk in chunks:
                 await self._add_to_epoch(epoch, self._decoded(chunk))
-                processed = self._taken["archive"] = chunk.last_seq
+                processed = self._epoch_taken = chunk.last_seq
                 self._sink_progress.set()
             if not epoch.lines:
                 # Nothing open (only rejected messages so far): nothing to wait for.
