@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.fixtures.services import running_seaweedfs
 
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.archive.base import ArchiveStore
 from iotmeter.storage.archive.document import encode_archive_document
 from iotmeter.storage.archive.local import LocalArchiveStore

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from iotmeter.readings import ReadingSet
 
 
 class IotmeterError(Exception):
@@ -43,3 +47,25 @@ class BackendUnavailable(IotmeterError):
 
     status_code = 503
     code = "backend_unavailable"
+
+    def __init__(
+        self, message: str, *, details: Any = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+        """Seconds the service asked us to wait before trying again (`Retry-After`), if any."""
+
+
+class StoreRejected(IotmeterError):
+    """A store refused these reading sets for their content (trying again would not help);
+    every other reading set of the write was stored."""
+
+    status_code = 422
+    code = "rejected_by_store"
+
+    def __init__(
+        self, message: str, rejected: Sequence[tuple[ReadingSet, str]], *, details: Any = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.rejected = list(rejected)
+        """(reading set, the store's reason) for each refused reading set."""

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from iotmeter.errors import NotFound
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.archive.base import ArchiveStore
 from iotmeter.storage.archive.document import encode_archive_document
 from iotmeter.storage.archive.local import LocalArchiveStore

@@ -21,7 +21,7 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.errors import ValidationFailed
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries.base import (
     AGGREGATES,
     Aggregate,

@@ -19,7 +19,7 @@ import pytest
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
 from iotmeter.errors import BackendUnavailable
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries.base import AGGREGATES, Aggregate, SeriesPoint, SeriesQuery
 from iotmeter.storage.timeseries.influx import (
     InfluxRejected,

@@ -14,7 +14,7 @@ import pytest
 
 from iotmeter.config import Settings
 from iotmeter.errors import BackendUnavailable, SettingsInvalid
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries import influx as influx_module
 from iotmeter.storage.timeseries.base import AGGREGATES, Aggregate, SeriesPoint, SeriesQuery
 from iotmeter.storage.timeseries.influx import (

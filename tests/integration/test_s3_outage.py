@@ -15,7 +15,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from iotmeter.errors import BackendUnavailable
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.archive.document import encode_archive_document
 from iotmeter.storage.archive.s3 import S3ArchiveStore
 from tests.fixtures.s3 import ACCESS_KEY, SECRET_KEY, new_bucket_name, open_test_s3_store

@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.archive.document import encode_archive_document
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 
 DEVICES = st.sampled_from(["d1", "d2"])
 # Around a millisecond boundary, so equal and different milliseconds both come up.

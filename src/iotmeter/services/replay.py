@@ -14,7 +14,7 @@ import orjson
 
 from iotmeter.db.engine import Database
 from iotmeter.ingest.decode import DecodeLimits, decode_message
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.storage.archive.base import ArchiveStore
 from iotmeter.storage.timeseries.base import TimeSeriesStore

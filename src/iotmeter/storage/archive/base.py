@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from iotmeter.ids import DEVICE_ID_RE
-from iotmeter.ingest.models import ReadingSet, format_key_time
+from iotmeter.readings import ReadingSet, format_key_time
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from iotmeter.config import Settings
 from iotmeter.errors import BackendUnavailable, NotFound
 from iotmeter.ids import DEVICE_ID_RE
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage
 from iotmeter.storage.archive.document import encode_archive_document, key_bound, parse_key
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from iotmeter.errors import NotFound
-from iotmeter.ingest.models import ReadingSet, format_key_time
+from iotmeter.readings import ReadingSet, format_key_time
 from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage, ArchiveStore
 from iotmeter.storage.archive.document import encode_archive_document, key_bound, parse_key
 

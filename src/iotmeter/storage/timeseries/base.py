@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 
 Aggregate = Literal["mean", "min", "max", "sum", "count", "first", "last"]
 AGGREGATES: tuple[Aggregate, ...] = ("mean", "min", "max", "sum", "count", "first", "last")

@@ -35,8 +35,14 @@ from influxdb_client.rest import ApiException
 from pydantic import SecretStr
 
 from iotmeter.config import Settings, env_name
-from iotmeter.errors import BackendUnavailable, IotmeterError, SettingsInvalid, ValidationFailed
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.errors import (
+    BackendUnavailable,
+    IotmeterError,
+    SettingsInvalid,
+    StoreRejected,
+    ValidationFailed,
+)
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries.base import SeriesPoint, SeriesQuery
 from iotmeter.storage.timeseries.flux import (
     DEFAULT_LATEST_LOOKBACK_US,
@@ -69,18 +75,13 @@ class InfluxUnavailable(BackendUnavailable):
         status: int | None = None,
         details: Any = None,
     ) -> None:
-        super().__init__(message, details=details)
-        self.retry_after = retry_after
-        """Seconds InfluxDB asked us to wait (`Retry-After`), if it said."""
+        super().__init__(message, details=details, retry_after=retry_after)
         self.status = status
         """The HTTP status, or None when no response came back."""
 
 
-class InfluxRejected(IotmeterError):
+class InfluxRejected(StoreRejected):
     """InfluxDB refused these reading sets for their content; every other one was written."""
-
-    status_code = 422
-    code = "rejected_by_store"
 
     def __init__(self, rejected: list[tuple[ReadingSet, str]], *, written: int) -> None:
         shown = "; ".join(
@@ -89,13 +90,12 @@ class InfluxRejected(IotmeterError):
         more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
         super().__init__(
             f"InfluxDB refused {len(rejected)} reading set(s), wrote {written}: {shown}{more}",
+            rejected,
             details=[
                 {"device_id": reading.device_id, "epoch_us": reading.epoch_us, "reason": reason}
                 for reading, reason in rejected
             ],
         )
-        self.rejected = rejected
-        """(reading set, InfluxDB's reason) for each refused reading set, in batch order."""
         self.written = written
         """How many reading sets of the batch were written."""
 

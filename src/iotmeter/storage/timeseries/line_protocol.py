@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
 
 MEASUREMENT = "iot_telemetry"
 WRITE_PRECISION = "us"

@@ -1,4 +1,8 @@
-"""Values that flow through ingestion: decoded reading sets and typed rejections."""
+"""The readings model: decoded reading sets, typed rejections and what one message decodes to.
+
+A neutral module: the decoder, the sinks, the stores and the repositories all speak in these
+values, so no lower layer imports from `ingest/`.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +32,13 @@ class RejectReason(StrEnum):
     DEVICE_MISMATCH = "device_mismatch"
     BAD_TOPIC = "bad_topic"
     BAD_ATTRIBUTE = "bad_attribute"
+    MISSING_TIMESTAMP = "missing_timestamp"
     UNKNOWN_DEVICE = "unknown_device"
     REFUSED_BY_STORE = "refused_by_store"
+    SINK_FAILED = "sink_failed"
+    """A sink failed on this record again and again (not an outage): parked, the sink moved on."""
+    INTERNAL_ERROR = "internal_error"
+    """The decoder met an error it did not foresee: a bug, kept with the exception's type."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +49,40 @@ class Rejection:
     detail: str
     topic: str
     payload: bytes
+    """What is kept of the payload: all of it, or its head when it was too large to keep."""
     device_id: str | None = None
     batch_index: int | None = None
+    received_at_us: int = 0
+    """When the message reached the collector (microseconds since the epoch)."""
+    payload_size: int | None = None
+    """The whole payload's size when `payload` holds only its head (None: `payload` is whole)."""
+    payload_sha256: str | None = None
+    """The whole payload's SHA-256 (hex) when `payload` holds only its head."""
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) if self.payload_size is None else self.payload_size
+
+    @property
+    def sha256(self) -> str:
+        if self.payload_sha256 is not None:
+            return self.payload_sha256
+        return hashlib.sha256(self.payload).hexdigest()
+
+    def key(self, scope: str = "") -> str:
+        """The dead letter's key: the same message refused again (a redelivery, a replay of the
+        spool) gets the same key, so it is stored once. `scope` tells apart the sinks that
+        parked the same record."""
+        identity = "\x1f".join(
+            (
+                self.reason.value,
+                scope,
+                self.topic,
+                "" if self.batch_index is None else str(self.batch_index),
+                self.sha256,
+            )
+        )
+        return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def format_key_time(epoch_us: int) -> str:
@@ -86,3 +127,11 @@ class ReadingSet:
     def archive_key(self) -> str:
         """`{device_id}/{timestamp}_{tie}.json`: a redelivery maps to the same key."""
         return f"{self.device_id}/{format_key_time(self.epoch_us)}_{self.tie_breaker}.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What one message turned into: accepted reading sets and refused parts."""
+
+    readings: list[ReadingSet]
+    rejections: list[Rejection]
