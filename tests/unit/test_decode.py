@@ -9,7 +9,7 @@ import pytest
 
 from iotmeter.config import Settings
 from iotmeter.ingest.decode import Decoded, DecodeLimits, decode_message, device_id_from_topic
-from iotmeter.ingest.models import ReadingSet, Rejection, RejectReason
+from iotmeter.readings import ReadingSet, Rejection, RejectReason
 
 TOPIC = "iot/dev-1/telemetry"
 DEVICE = "dev-1"
@@ -156,7 +156,8 @@ def test_non_finite_numbers_are_not_finite_not_not_json(payload: bytes) -> None:
 
 def test_a_non_finite_batch_element_rejects_that_element_only() -> None:
     decoded = decode_message(
-        b'[{"metrics": {"t": 1}}, {"metrics": {"t": NaN}}, {"ts": Infinity, "t": 2}, {"t": 3}]',
+        b'[{"ts": 1, "metrics": {"t": 1}}, {"ts": 2, "metrics": {"t": NaN}}, '
+        b'{"ts": Infinity, "t": 2}, {"ts": 4, "t": 3}]',
         TOPIC,
         NOW_US,
     )
@@ -255,7 +256,7 @@ def test_batch_with_one_bad_element_keeps_the_good_ones() -> None:
 
 
 def test_batch_element_that_is_not_an_object() -> None:
-    decoded = decode([{"metrics": METRICS}, 7, "x"])
+    decoded = decode([{"ts": 1, "metrics": METRICS}, 7, "x"])
     assert len(decoded.readings) == 1
     assert [(r.reason, r.batch_index, r.payload) for r in decoded.rejections] == [
         (RejectReason.NOT_OBJECT, 1, b"7"),
@@ -265,7 +266,7 @@ def test_batch_element_that_is_not_an_object() -> None:
 
 
 def test_batch_element_with_no_readings() -> None:
-    decoded = decode([{"metrics": METRICS}, {}])
+    decoded = decode([{"ts": 1, "metrics": METRICS}, {"ts": 2}])
     [rejection] = decoded.rejections
     assert (rejection.reason, rejection.batch_index) == (RejectReason.NO_READINGS, 1)
 
@@ -650,7 +651,7 @@ def test_limits_out_of_range_are_refused(overrides: dict[str, int]) -> None:
 
 def test_deepest_supported_limit_still_keeps_batch_elements() -> None:
     limits = DecodeLimits(max_depth=200)
-    decoded = decode([nested(198), 1], limits=limits)
+    decoded = decode([{**nested(198), "ts": 1}, 1], limits=limits)
     assert len(decoded.readings) == 1
     assert decoded.rejections[0].payload == b"1"
 

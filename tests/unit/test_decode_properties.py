@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from iotmeter.ids import FIELD_NAME_RE
 from iotmeter.ingest.decode import Decoded, DecodeLimits, decode_message
-from iotmeter.ingest.models import ReadingSet, Rejection, RejectReason
+from iotmeter.readings import ReadingSet, Rejection, RejectReason
+from tests.fixtures.hostile import json_texts
 
 TOPIC = "iot/dev-1/telemetry"
 NOW_US = 1_714_564_800_000_000
@@ -21,7 +22,7 @@ RESERVED = ["ts", "timestamp", "time", "metrics", "values", "msg_id", "seq", "ty
 
 examples = settings(max_examples=300, deadline=None)
 
-field_names = st.from_regex(r"[A-Za-z0-9_.\-]{1,64}", fullmatch=True)
+field_names = st.from_regex(FIELD_NAME_RE, fullmatch=True)
 topics = st.one_of(st.just(TOPIC), st.text(max_size=80))
 received_times = st.integers(min_value=0, max_value=4_000_000_000_000_000)
 limits = st.builds(
@@ -181,3 +182,79 @@ def test_every_timestamp_form_gives_the_same_time(
 def test_field_names_follow_the_shared_rule(name: str) -> None:
     decoded = decode_message(orjson.dumps({"metrics": {name: 1}}), TOPIC, NOW_US)
     assert bool(decoded.readings) == bool(FIELD_NAME_RE.fullmatch(name))
+
+
+# --- hostile input: what a buggy or malicious device can send ---------------------------------
+
+
+@examples
+@given(
+    elements=st.lists(json_texts(), min_size=1, max_size=6),
+    as_batch=st.booleans(),
+    received_at=received_times,
+)
+def test_hostile_json_is_decoded_or_refused_never_an_internal_error(
+    elements: list[str], as_batch: bool, received_at: int
+) -> None:
+    text = "[" + ",".join(elements) + "]" if as_batch else elements[0]
+    decoded = decode_message(text.encode("utf-8", "surrogatepass"), TOPIC, received_at)
+    assert_well_formed(decoded, TOPIC)
+    assert RejectReason.INTERNAL_ERROR not in {r.reason for r in decoded.rejections}
+    for rejection in decoded.rejections:
+        assert rejection.received_at_us == received_at
+
+
+def test_the_poison_batches_of_the_issue_are_refused_element_by_element() -> None:
+    for payload in (
+        b'[{"ts": 1, "x": NaN}, {"ts": 2, "x": 100000000000000000000000}]',
+        b'[{"ts": 1, "x": NaN}, {"ts": 2, "\\ud800": 1}]',
+        b'[{"ts": 1, "x": NaN}, {"ts": 2, "x": 1, "note": "\\ud800"}]',
+        b'[{"x": NaN}, {"x": 100000000000000000000000}]',
+    ):
+        decoded = decode_message(payload, TOPIC, NOW_US)
+        assert_well_formed(decoded, TOPIC)
+        reasons = {rejection.reason for rejection in decoded.rejections}
+        assert RejectReason.INTERNAL_ERROR not in reasons, payload
+        assert reasons, payload
+    big = decode_message(
+        b'[{"ts": 1, "x": NaN}, {"ts": 2, "x": 1' + b"0" * 30 + b"}]", TOPIC, NOW_US
+    )
+    assert [reading.values for reading in big.readings] == [{"x": 1e30}]
+
+
+def test_an_unforeseen_error_becomes_an_internal_error_dead_letter(
+    monkeypatch: Any,
+) -> None:
+    from iotmeter.ingest import decode as decode_module
+
+    def broken(*_args: Any) -> Any:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(decode_module, "_decode_reading_set", broken)
+    decoded = decode_message(b'{"t": 1}', TOPIC, NOW_US)
+    [rejection] = decoded.rejections
+    assert rejection.reason == RejectReason.INTERNAL_ERROR
+    assert "KeyError" in rejection.detail
+    assert rejection.payload == b'{"t": 1}'
+    assert rejection.device_id == "dev-1"
+    assert rejection.received_at_us == NOW_US
+
+
+def test_batch_elements_without_a_time_are_refused_with_a_reason() -> None:
+    decoded = decode_message(b'[{"t": 1}, {"ts": 5, "t": 2}, {"t": 3}]', TOPIC, NOW_US)
+    assert [reading.values for reading in decoded.readings] == [{"t": 2.0}]
+    assert [(r.reason, r.batch_index) for r in decoded.rejections] == [
+        (RejectReason.MISSING_TIMESTAMP, 0),
+        (RejectReason.MISSING_TIMESTAMP, 2),
+    ]
+    # One reading set alone (or a batch of one) still takes the arrival time.
+    alone = decode_message(b'[{"t": 1}]', TOPIC, NOW_US)
+    assert [reading.epoch_us for reading in alone.readings] == [NOW_US]
+
+
+def test_field_names_influx_would_drop_are_refused_for_every_store() -> None:
+    for document in ({"metrics": {"time": 1}}, {"values": {"_x": 1}}, {"_x": 1, "t": 2}):
+        decoded = decode_message(orjson.dumps(document), TOPIC, NOW_US)
+        [rejection] = decoded.rejections
+        assert rejection.reason == RejectReason.BAD_FIELD_NAME
+        assert "not 'time'" in rejection.detail

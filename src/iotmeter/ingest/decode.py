@@ -13,21 +13,27 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from iotmeter.ids import DEVICE_ID_RE, DEVICE_TYPE_RE, FIELD_NAME_RE
-from iotmeter.ingest.models import ReadingSet, Rejection, RejectReason
+from iotmeter.readings import Decoded, ReadingSet, Rejection, RejectReason
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from iotmeter.config import Settings
 
-__all__ = ["DecodeLimits", "Decoded", "decode_message", "device_id_from_topic"]
+__all__ = [
+    "DecodeLimits",
+    "Decoded",
+    "decode_message",
+    "device_id_from_topic",
+    "refuse_oversized",
+]
 
 # orjson.dumps (used to keep a batch element's own JSON) refuses nesting past about 250 levels.
 _MAX_SUPPORTED_DEPTH = 200
@@ -59,14 +65,6 @@ class DecodeLimits:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """What one message turned into: accepted reading sets and refused parts."""
-
-    readings: list[ReadingSet]
-    rejections: list[Rejection]
-
-
 _TOPIC_PREFIX = "iot/"
 _TOPIC_SUFFIX = "/telemetry"
 _TIME_KEYS = ("ts", "timestamp", "time")
@@ -79,7 +77,9 @@ _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})?",
     re.ASCII,
 )
-_FIELD_NAME_RULE = "use 1 to 64 ASCII letters, digits, '_', '.' or '-'"
+_FIELD_NAME_RULE = (
+    "use 1 to 64 ASCII letters, digits, '_', '.' or '-', not starting with '_' and not 'time'"
+)
 
 # The same few device ids and field names arrive in almost every message: remember the valid
 # ones so the hot path is a set look-up, not a regular expression. Bounded, so a sender making
@@ -87,6 +87,12 @@ _FIELD_NAME_RULE = "use 1 to 64 ASCII letters, digits, '_', '.' or '-'"
 _MEMO_CAPACITY = 8192
 _valid_device_ids: set[str] = set()
 _valid_field_names: set[str] = set()
+
+
+def _is_field_name(name: str) -> bool:
+    """A name every time-series store keeps (`FIELD_NAME_RE`: InfluxDB reserves `time` and
+    names starting with `_`, which it would drop or refuse while SQL kept them)."""
+    return name in _valid_field_names or _remember_if_valid(name, FIELD_NAME_RE, _valid_field_names)
 
 
 def _remember_if_valid(name: str, pattern: re.Pattern[str], memo: set[str]) -> bool:
@@ -115,7 +121,57 @@ def decode_message(
     received_at_us: int,
     limits: DecodeLimits = DecodeLimits(),
 ) -> Decoded:
-    """Turn one MQTT message into reading sets and rejections; never raises."""
+    """Turn one MQTT message into reading sets and rejections; never raises.
+
+    Whatever the decoder did not foresee (a bug) refuses the message as `internal_error`,
+    naming the exception, instead of stopping the pipeline behind it."""
+    try:
+        decoded = _decode(payload, topic, received_at_us, limits)
+    except Exception as exc:
+        device_id = None
+        try:
+            device_id = device_id_from_topic(topic)
+        except Exception:  # the topic itself made it fail
+            device_id = None
+        decoded = _refuse_message(
+            RejectReason.INTERNAL_ERROR,
+            f"the decoder failed on this message ({type(exc).__name__}: {str(exc)[:200]}); "
+            "this is a bug in iotmeter: please report it with this dead letter",
+            topic,
+            payload,
+            device_id,
+        )
+    if decoded.rejections:
+        stamped = [replace(r, received_at_us=received_at_us) for r in decoded.rejections]
+        return Decoded(decoded.readings, stamped)
+    return decoded
+
+
+def refuse_oversized(
+    head: bytes, topic: str, received_at_us: int, size: int, sha256: bytes, limit: int
+) -> Decoded:
+    """The rejection of a payload too large to keep: the dead letter holds its head, size and
+    hash (the intake kept only those)."""
+    device_id = device_id_from_topic(topic)
+    return Decoded(
+        [],
+        [
+            Rejection(
+                RejectReason.TOO_LARGE,
+                f"payload is {size} bytes; the limit is {limit}: split it into smaller batches "
+                f"(the first {len(head)} bytes are kept here)",
+                topic,
+                head,
+                device_id,
+                received_at_us=received_at_us,
+                payload_size=size,
+                payload_sha256=sha256.hex(),
+            )
+        ],
+    )
+
+
+def _decode(payload: bytes, topic: str, received_at_us: int, limits: DecodeLimits) -> Decoded:
     device_id = device_id_from_topic(topic)
     if device_id is None:
         return _refuse_message(
@@ -195,8 +251,39 @@ def _decode_batch(
 ) -> Decoded:
     readings: list[ReadingSet] = []
     rejections: list[Rejection] = []
+    several = len(elements) > 1
     for index, element in enumerate(elements):
-        raw = orjson.dumps(element)
+        try:
+            raw = orjson.dumps(element)
+        except TypeError:
+            # Only a batch parsed leniently gets here: a lone UTF-16 surrogate (orjson refuses
+            # them, as any strict parser does). Its JSON is kept ASCII-escaped.
+            rejections.append(
+                Rejection(
+                    RejectReason.NOT_JSON,
+                    f"batch element {index} contains a lone UTF-16 surrogate escape (like "
+                    "\\ud800), which is not valid Unicode text; send valid UTF-8",
+                    topic,
+                    json.dumps(element).encode(),
+                    device_id,
+                    index,
+                )
+            )
+            continue
+        if several and type(element) is dict and not any(key in element for key in _TIME_KEYS):
+            rejections.append(
+                Rejection(
+                    RejectReason.MISSING_TIMESTAMP,
+                    f"batch element {index} has no 'ts'; in a batch of several reading sets each "
+                    "needs its own time (without one they would all take the arrival time and "
+                    "overwrite each other)",
+                    topic,
+                    raw,
+                    device_id,
+                    index,
+                )
+            )
+            continue
         if type(element) is not dict:
             rejections.append(
                 Rejection(
@@ -294,9 +381,7 @@ def _decode_reading_set(
                 f"or boolean",
             )
         for name, value in source.items():
-            if name not in _valid_field_names and not _remember_if_valid(
-                name, FIELD_NAME_RE, _valid_field_names
-            ):
+            if not _is_field_name(name):
                 return (
                     RejectReason.BAD_FIELD_NAME,
                     f"field name {_shorten(name)} is not allowed; {_FIELD_NAME_RULE}",
@@ -337,9 +422,7 @@ def _decode_reading_set(
                         f"field {_shorten(name)} is not a finite number; send finite numbers "
                         "only (JSON has no NaN or Infinity)",
                     )
-                if name not in _valid_field_names and not _remember_if_valid(
-                    name, FIELD_NAME_RE, _valid_field_names
-                ):
+                if not _is_field_name(name):
                     return (
                         RejectReason.BAD_FIELD_NAME,
                         f"field name {_shorten(name)} is not allowed; {_FIELD_NAME_RULE}",
@@ -485,12 +568,22 @@ def _lenient_batch(payload: bytes) -> list[Any] | None:
     if not payload.lstrip().startswith(b"["):
         return None
     try:
-        document = json.loads(payload.decode("utf-8"))
+        document = json.loads(payload.decode("utf-8"), parse_int=_int_as_orjson_reads_it)
     except (ValueError, RecursionError):
         return None
     if type(document) is list and any(type(element) is dict for element in document):
         return document
     return None
+
+
+def _int_as_orjson_reads_it(token: str) -> int | float:
+    """orjson reads an integer beyond 64 bits as a float; the lenient path must agree (and
+    never build a 4,000-digit int, which Python refuses to)."""
+    if len(token) <= 20:
+        value = int(token)
+        if -(2**63) <= value < 2**64:
+            return value
+    return float(token)
 
 
 def _finite_or_noted(non_finite: list[str]) -> Callable[[str], float]:
