@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from iotmeter.db.base import utcnow
+from iotmeter.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
 TaskState = Literal["starting", "running", "crashed", "finished", "stopped"]
+STOP_TIMEOUT_S = 5.0
+"""Every task stops within this long of shutdown, whatever it was doing."""
 
 
 @dataclass
@@ -35,16 +39,24 @@ class TaskStatus:
 
 
 class TaskSupervisor:
-    """Runs named tasks; a crash is logged, shown in the status and retried with capped backoff.
+    """Runs named tasks; a crash is logged, shown in the status and retried with the project's
+    backoff (`iotmeter.retry`).
 
     A task is expected to loop until cancelled. If its coroutine returns, it is marked
     `finished` and not restarted; if it raises, it is `crashed` until the backoff delay
     has passed and a fresh coroutine is running again.
     """
 
-    def __init__(self, *, initial_backoff: float = 1.0, max_backoff: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        initial_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        stop_timeout: float = STOP_TIMEOUT_S,
+    ) -> None:
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
+        self._stop_timeout = stop_timeout
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.statuses: dict[str, TaskStatus] = {}
 
@@ -56,10 +68,16 @@ class TaskSupervisor:
         self._tasks[name] = asyncio.create_task(self._supervise(status, factory), name=name)
 
     async def _supervise(self, status: TaskStatus, factory: TaskFactory) -> None:
-        backoff = self._initial_backoff
+        backoff = Backoff(
+            f"background task {status.name}",
+            initial=self._initial_backoff,
+            cap=self._max_backoff,
+            log=logger,
+        )
         while True:
             status.state = "running"
             status.started_at = utcnow()
+            started = time.monotonic()
             try:
                 await factory()
             except asyncio.CancelledError:
@@ -70,30 +88,43 @@ class TaskSupervisor:
                 status.crashes += 1
                 status.last_error = f"{type(exc).__name__}: {exc}"
                 status.last_crash_at = utcnow()
+                if time.monotonic() - started > self._max_backoff:
+                    backoff.succeeded()  # it ran well for a while: start from the first delay
+                delay = backoff.next_delay(exc)
                 logger.exception(
                     "background task %s crashed (%d so far); restarting in %.1f s",
                     status.name,
                     status.crashes,
-                    backoff,
+                    delay,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+                await asyncio.sleep(delay)
                 continue
             status.state = "finished"
             logger.info("background task %s finished", status.name)
             return
 
     async def stop(self) -> None:
-        """Cancel every task and wait for each to finish its clean-up."""
+        """Cancel every task and wait (a few seconds at most) for each to finish its clean-up."""
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for task, result in zip(tasks, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=self._stop_timeout)
+            for task in pending:
                 logger.error(
-                    "background task %s failed while stopping: %r", task.get_name(), result
+                    "background task %s did not stop within %.0f s of being cancelled; "
+                    "leaving it behind",
+                    task.get_name(),
+                    self._stop_timeout,
                 )
+            for task in done:
+                if task.cancelled():
+                    continue
+                error = task.exception()
+                if error is not None:
+                    logger.error(
+                        "background task %s failed while stopping: %r", task.get_name(), error
+                    )
         for status in self.statuses.values():
             if status.state in ("starting", "running", "crashed"):
                 status.state = "stopped"

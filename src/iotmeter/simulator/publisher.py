@@ -27,12 +27,11 @@ import orjson
 
 from iotmeter.config import Settings, SimulatorKind
 from iotmeter.ingest.broker import BrokerAddress
+from iotmeter.retry import Backoff
 from iotmeter.simulator.signals import Signal, make_signal
 
 logger = logging.getLogger(__name__)
 
-INITIAL_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 30.0
 PUBLISH_WINDOW = 32
 """Publishes one connection keeps in flight at most (QoS 1 waits for the broker's PUBACK)."""
 
@@ -172,7 +171,8 @@ class Simulator:
 
     async def _run_connection(self, index: int, devices: Sequence[SimulatedDevice]) -> None:
         client_id = self.client_ids[index]
-        backoff = INITIAL_BACKOFF_S
+        # Quiet: the connection's own lines below say when it is lost and when it is back.
+        backoff = Backoff(f"simulator connection {client_id}", initial=1.0, quiet=True)
         connected_before = False
         down_since: float | None = None
         loop = asyncio.get_running_loop()
@@ -200,7 +200,7 @@ class Simulator:
                             )
                         connected_before = True
                         down_since = None
-                        backoff = INITIAL_BACKOFF_S
+                        backoff.succeeded()
                         await self._publish_until_disconnected(client, devices)
                     finally:
                         self.stats.connections_up -= 1
@@ -221,9 +221,7 @@ class Simulator:
                     self.broker.port,
                     error,
                 )
-            delay = min(MAX_BACKOFF_S, backoff * self._rng.uniform(1.0, 1.25))
-            await asyncio.sleep(delay)
-            backoff = min(MAX_BACKOFF_S, backoff * 2)
+            await backoff.wait(error)
 
     @contextlib.asynccontextmanager
     async def _connect(self, client_id: str) -> AsyncIterator[aiomqtt.Client]:

@@ -29,7 +29,8 @@ from yarl import URL
 
 from iotmeter.config import Settings, env_name
 from iotmeter.errors import BackendUnavailable, NotFound, SettingsInvalid
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.readings import ReadingSet
+from iotmeter.retry import Backoff
 from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage
 from iotmeter.storage.archive.document import encode_archive_document, key_bound, key_prefix
 from iotmeter.storage.archive.local import check_device_id, checked_key, checked_object_key
@@ -129,6 +130,9 @@ class SignedPut:
         path = self._bucket_path + quote(key, safe="/~")
         # Sent exactly as signed: no re-quoting of the path by the HTTP client.
         url = URL(urlunsplit((*urlsplit(self._endpoint)[:2], path, "", "")), encoded=True)
+        # A few quick tries of one object: a batch whose last PUT fails is written whole again
+        # by the sink's runner (harmless, keyed), which costs far more than a retry here.
+        backoff = Backoff(f"S3 PUT {key}", initial=0.1, cap=1.0, quiet=True)
         for attempt in range(1, self._max_attempts + 1):
             headers = self._signer.headers(path, body, content_type)
             try:
@@ -138,13 +142,14 @@ class SignedPut:
                         return
                     error = await response.read()
                     refused = _PutRefused(response.status, *_s3_error(error))
-            except (aiohttp.ClientError, OSError, TimeoutError):
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if attempt == self._max_attempts:
                     raise
-            else:
-                if response.status not in _RETRIED_STATUSES or attempt == self._max_attempts:
-                    raise refused
-            await asyncio.sleep(0.05 * 2**attempt)
+                await backoff.wait(exc)
+                continue
+            if response.status not in _RETRIED_STATUSES or attempt == self._max_attempts:
+                raise refused
+            await backoff.wait(refused)
 
 
 def _s3_error(body: bytes) -> tuple[str, str]:
@@ -202,7 +207,9 @@ class S3ArchiveStore:
         """A store with its own client; checks (or creates) the bucket, tolerating S3 down."""
         config = AioConfig(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # No retries inside botocore: the project's one policy retries (the sink runner for
+            # writes; a read answers 503 and the client tries again).
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             # One pooled connection per concurrent upload (botocore's default pool is 10).
