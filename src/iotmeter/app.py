@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,8 +18,8 @@ from iotmeter.config import Settings, load_settings
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.migrate import upgrade_async
 from iotmeter.ingest.broker import open_broker
-from iotmeter.ingest.collector import SINKS, Collector
-from iotmeter.ingest.spool import Spool
+from iotmeter.ingest.collector import Collector, build_sinks
+from iotmeter.ingest.directory import DeviceDirectory
 from iotmeter.logging import configure_logging
 from iotmeter.runtime import TaskSupervisor
 from iotmeter.simulator.publisher import run_simulator
@@ -57,18 +56,6 @@ async def open_state(
         if settings.collector_enabled or settings.simulator_enabled:
             broker = await stack.enter_async_context(open_broker(settings))
 
-        spool = None
-        if broker is not None and settings.collector_enabled:
-            spool = Spool(
-                settings.spool_dir,
-                list(SINKS),
-                max_bytes=settings.spool_max_bytes,
-                segment_bytes=settings.spool_segment_bytes,
-                memory_bytes=settings.spool_memory_bytes,
-            )
-            await asyncio.to_thread(spool.open)
-            stack.callback(spool.close)
-
         supervisor = TaskSupervisor()
         state = AppState(
             settings=settings,
@@ -81,16 +68,19 @@ async def open_state(
         state.health_checks["database"] = partial(_database_health, database)
         state.health_checks["timeseries"] = timeseries.health
         state.health_checks["archive"] = archive.health
-        # Registered last, so it runs first on the way out: tasks stop before their clients.
-        stack.push_async_callback(supervisor.stop)
-        if broker is not None and spool is not None:
-            collector = Collector(
-                settings, broker, database, timeseries, archive, state.stats, spool
-            )
+        directory = DeviceDirectory(database, settings.auto_register)
+        state.device_listeners.append(directory.forget)
+        if broker is not None and settings.collector_enabled:
+            sinks = build_sinks(settings, database, timeseries, archive, directory, state.stats)
+            collector = await Collector.open(settings, broker, database, sinks, state.stats)
+            stack.callback(collector.close)
             state.collector = collector
             state.health_checks["mqtt"] = collector.health
             state.health_checks["spool"] = collector.spool_health
-            supervisor.start("collector", collector.run)
+        # Registered after the clients, so it runs first on the way out: tasks stop first.
+        stack.push_async_callback(supervisor.stop)
+        if state.collector is not None:
+            supervisor.start("collector", state.collector.run)
         if broker is not None and settings.simulator_enabled:
             simulator_url = settings.simulator_mqtt_url or broker.url
             supervisor.start("simulator", partial(run_simulator, settings, simulator_url))

@@ -79,11 +79,13 @@ class Settings(BaseSettings):
     mqtt_embedded_port: int = Field(
         1883, ge=1, le=65535, description="Port the embedded broker listens on."
     )
-    mqtt_client_id: str = Field(
-        "iotmeter-collector",
+    mqtt_client_id: str | None = Field(
+        None,
         min_length=1,
         max_length=64,
-        description="Client id of the collector's persistent MQTT session.",
+        description="Client id of the collector's persistent MQTT session. Unset: one made for "
+        "the spool folder and kept in it (`mqtt-client-id`), so two iotmeters never share a "
+        "session and one keeps its session across restarts.",
     )
 
     # InfluxDB 2.x (optional; without it the SQL time-series store is used).
@@ -139,7 +141,11 @@ class Settings(BaseSettings):
         True, description="Register unknown devices on their first message (else reject them)."
     )
     max_payload_bytes: int = Field(
-        256 * 1024, ge=64, description="Largest accepted MQTT payload, in bytes."
+        256 * 1024,
+        ge=64,
+        le=256 << 20,
+        description="Largest accepted MQTT payload, in bytes; a larger one is refused "
+        "(`too_large`) and its first 64 KiB, size and hash kept in the dead letters.",
     )
     max_json_depth: int = Field(8, ge=2, le=64, description="Deepest accepted JSON nesting.")
     max_future_skew_s: float = Field(
@@ -182,6 +188,12 @@ class Settings(BaseSettings):
         le=65535,
         description="Messages received but not yet acked; with Mosquitto, match its "
         "`max_inflight_messages`.",
+    )
+    sink_stall_s: float = Field(
+        60.0,
+        gt=0,
+        description="`/ready` answers 503 when a sink has records waiting and has stored none "
+        "for this many seconds.",
     )
     online_window_s: float = Field(
         300.0, gt=0, description="A device seen within this many seconds counts as online."

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,3 +32,11 @@ class AppState:
     broker: BrokerAddress | None = None
     collector: Collector | None = None
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
+    device_listeners: list[Callable[[Iterable[str]], None]] = field(default_factory=list)
+    """Told the ids of devices the API changed or deleted, once the change is committed (the
+    collector's cache of device types)."""
+
+    def devices_changed(self, device_ids: Iterable[str]) -> None:
+        ids = set(device_ids)
+        for listener in self.device_listeners:
+            listener(ids)

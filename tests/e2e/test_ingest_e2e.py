@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -124,13 +125,18 @@ async def test_published_readings_are_queryable(
 async def test_bad_messages_are_dead_lettered_and_good_ones_stored(
     ingest_api: httpx.AsyncClient, mosquitto: Mosquitto
 ) -> None:
+    now_ms = int(time.time() * 1000)
     publish(
         mosquitto.port,
         [
             ("iot/dev-a/telemetry", b"\xff\xfe not utf-8"),
             ("iot/dev-a/telemetry", b"{not json"),
             ("iot/dev-a/telemetry", b'{"metrics": {"t": "warm"}}'),
-            ("iot/dev-a/telemetry", b'[{"t": 1.5}, {"t": NaN}, {"device_id": "other", "t": 2}]'),
+            (
+                "iot/dev-a/telemetry",
+                b'[{"ts": %d, "t": 1.5}, {"ts": %d, "t": NaN}, {"ts": %d, "device_id": "other", '
+                b'"t": 2}]' % (now_ms - 3, now_ms - 2, now_ms - 1),
+            ),
             ("iot/dev-a/telemetry", b'{"t": 3.5}'),
         ],
     )

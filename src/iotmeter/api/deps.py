@@ -34,6 +34,9 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
         try:
             yield session
             await session.commit()
+            changed = session.info.pop(devices.CHANGED_DEVICES, None)
+            if changed:
+                state.devices_changed(changed)
         except BaseException as exc:
             await session.rollback()
             if is_unavailable(exc):

@@ -14,6 +14,14 @@ from iotmeter.errors import Conflict, NotFound
 from iotmeter.repositories.configs import ConfigRepository
 from iotmeter.repositories.devices import DeviceReader, DeviceRepository, DeviceRow
 
+CHANGED_DEVICES = "iotmeter.changed_devices"
+"""`session.info` key: ids of devices whose type or existence changed in this transaction; the
+request's session dependency tells `AppState.devices_changed` once it has committed."""
+
+
+def _changed(session: AsyncSession, device_id: str) -> None:
+    session.info.setdefault(CHANGED_DEVICES, set()).add(device_id)
+
 
 def _device_not_found(device_id: str) -> NotFound:
     return NotFound(
@@ -66,6 +74,7 @@ async def create_device(session: AsyncSession, fields: dict[str, Any]) -> Device
         raise Conflict(
             f"device {fields['id']!r} already exists; choose another id or PATCH it"
         ) from None
+    _changed(session, device.id)
     return device
 
 
@@ -76,6 +85,7 @@ async def update_device(session: AsyncSession, device_id: str, changes: dict[str
         setattr(device, "attributes" if name == "metadata" else name, value)
     device.updated_at = utcnow()
     await session.flush()
+    _changed(session, device_id)
     return device
 
 
@@ -83,6 +93,7 @@ async def delete_device(session: AsyncSession, device_id: str) -> None:
     """Delete a device with its configs and alerts (its telemetry and archive stay)."""
     if not await DeviceRepository(session).delete(device_id):
         raise _device_not_found(device_id)
+    _changed(session, device_id)
 
 
 async def list_configs(session: AsyncSession, device_id: str) -> Sequence[DeviceConfig]:

@@ -7,11 +7,11 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from iotmeter.api.deps import SessionDep
 from iotmeter.api.schemas import Page
-from iotmeter.ingest.models import RejectReason
+from iotmeter.readings import RejectReason
 from iotmeter.repositories.dead_letters import DeadLetterRepository
 
 router = APIRouter(prefix="/dead-letters", tags=["dead letters"])
@@ -27,6 +27,10 @@ class DeadLetterRead(BaseModel):
     detail: str
     payload: str
     payload_encoding: Literal["utf-8", "base64"]
+    payload_size: int = Field(description="Bytes of the whole payload as received.")
+    payload_truncated: bool = Field(
+        description="True when the payload was too large to keep: `payload` is its head."
+    )
 
 
 @router.get("", summary="List dead letters")
@@ -57,6 +61,8 @@ async def list_dead_letters(
                 detail=row.detail,
                 payload=payload,
                 payload_encoding=encoding,
+                payload_size=row.payload_size or len(row.payload),
+                payload_truncated=row.payload_size is not None,
             )
         )
     return Page[DeadLetterRead](items=items, total=total, limit=limit, offset=offset)

@@ -15,6 +15,7 @@ from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.state import AppState
 
 router = APIRouter(tags=["stats"])
+STALL_SHOWN_AFTER_S = 5.0
 
 
 class DeviceStats(BaseModel):
@@ -41,10 +42,28 @@ class SpoolStats(BaseModel):
     oldest_unconfirmed_age_s: float | None
     lag_by_sink: dict[str, int]
     failing_sinks: dict[str, str]
+    stalled_sinks: dict[str, float] = Field(
+        description="Sinks with records waiting and no progress, with the seconds since their "
+        "last progress (only those past a few seconds)."
+    )
+    parked_by_sink: dict[str, int] = Field(
+        description="Records each sink set aside in the dead letters since start (refused by "
+        "the store, or failing again and again): the other sinks kept them."
+    )
     intake_held_s: float = Field(
         description="Seconds since start the collector stopped reading from the broker "
         "because a working sink lagged (the broker kept those messages meanwhile)."
     )
+    retained_ignored: int = Field(
+        description="Messages the broker delivered from its retained store (they had been "
+        "delivered live when published): acknowledged, not stored again."
+    )
+    quarantined_spans: int = Field(
+        description="Damaged stretches of spool files met since start (copied to the spool's "
+        "`quarantine/` folder; see `/ready`)."
+    )
+    quarantined_records_lost: int
+    client_id: str = Field(description="The collector's MQTT client id.")
 
 
 class Stats(BaseModel):
@@ -60,16 +79,26 @@ def _spool_stats(state: AppState) -> SpoolStats | None:
     collector = state.collector
     if collector is None:
         return None
-    spool = collector.spool
+    spool, intake = collector.spool, collector.intake
     return SpoolStats(
         depth=spool.depth(),
         disk_bytes=spool.disk_bytes,
         max_bytes=spool.max_bytes,
-        full=collector.spool_full_since is not None,
+        full=intake.spool_full_since is not None,
         oldest_unconfirmed_age_s=spool.oldest_unconfirmed_age_s(),
         lag_by_sink=spool.lag(),
-        failing_sinks={name: error for name, error in collector.sink_errors.items() if error},
-        intake_held_s=round(collector.intake_held_s, 3),
+        failing_sinks=collector.failing_sinks,
+        stalled_sinks={
+            runner.name: round(runner.stalled_for(), 1)
+            for runner in collector.runners
+            if runner.stalled_for() > STALL_SHOWN_AFTER_S
+        },
+        parked_by_sink={runner.name: runner.parked for runner in collector.runners},
+        intake_held_s=round(intake.held_s, 3),
+        retained_ignored=intake.retained_ignored,
+        quarantined_spans=spool.quarantine.spans,
+        quarantined_records_lost=spool.quarantine.records_lost,
+        client_id=intake.client_id,
     )
 
 

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+import asyncpg
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iotmeter.db.engine import Database
-from iotmeter.errors import BackendUnavailable, ValidationFailed
-from iotmeter.ingest.models import ReadingSet
+from iotmeter.errors import BackendUnavailable, IotmeterError, ValidationFailed
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries.base import SeriesPoint, SeriesQuery
 
 # One statement, one round trip, the arrays sent once: the points are upserted and the newest
@@ -51,6 +52,23 @@ WHERE excluded.epoch_us >= telemetry_latest.epoch_us
 _AGGREGATE_SQL = {"mean": "AVG", "min": "MIN", "max": "MAX", "sum": "SUM", "count": "COUNT"}
 
 Row = tuple[str, str, int, float]
+
+_CONTENT_ERRORS = ("22", "23")
+"""SQLSTATE classes of errors caused by the data written (data exception, integrity)."""
+
+
+def _translated(exc: asyncpg.PostgresError) -> IotmeterError:
+    """asyncpg's own errors (the write goes to the driver directly) as the project's: a fault of
+    what was written is an `IotmeterError` (the runner finds the record that causes it); any
+    other (connection, server shutting down, missing table, out of resources) means the store
+    cannot take writes now."""
+    state = str(exc.sqlstate or "")
+    message = f"time-series write failed: {type(exc).__name__}: {exc}"
+    if state[:2] in _CONTENT_ERRORS:
+        return IotmeterError(message)
+    if state[:2] == "42":
+        message += " (is the schema up to date? run `iotmeter migrate`)"
+    return BackendUnavailable(message)
 
 
 @lru_cache(maxsize=256)
@@ -135,8 +153,10 @@ class SqlTimeSeriesStore:
                 return
             async with self.database.engine.begin() as connection:
                 await self._write_sqlite(connection, points, newest)
-        except (OperationalError, DBAPIError, OSError) as exc:
+        except (OperationalError, DBAPIError, OSError, asyncpg.InterfaceError) as exc:
             raise BackendUnavailable(f"time-series write failed: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise _translated(exc) from exc
 
     @staticmethod
     async def _write_sqlite(

@@ -1,0 +1,42 @@
+"""The time-series sink: every reading of registered devices, tagged with the registry's type
+where the store keeps it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from iotmeter.errors import StoreRejected
+from iotmeter.ingest.batch import Batch
+from iotmeter.ingest.directory import DeviceDirectory
+from iotmeter.ingest.stats import IngestStats
+from iotmeter.storage.timeseries.base import TimeSeriesStore
+
+
+class TimeSeriesSink:
+    name = "timeseries"
+
+    def __init__(
+        self, store: TimeSeriesStore, directory: DeviceDirectory, stats: IngestStats
+    ) -> None:
+        self.timeseries = store
+        self.directory = directory
+        self.stats = stats
+
+    async def store(self, batch: Batch) -> int | None:
+        readings = await self.directory.resolve(
+            batch.readings, retype=self.timeseries.tags_device_type
+        )
+        if not readings:
+            return None
+        try:
+            await self.timeseries.write(readings)
+        except StoreRejected as exc:
+            refused = {id(reading) for reading, _reason in exc.rejected}
+            stored = [reading for reading in readings if id(reading) not in refused]
+            self.stats.count_stored(self.name, Counter(r.device_id for r in stored))
+            raise
+        self.stats.count_stored(self.name, Counter(r.device_id for r in readings))
+        return None
+
+    async def idle(self) -> int | None:
+        return None
