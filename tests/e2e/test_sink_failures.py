@@ -4,11 +4,13 @@ stalling — while the archive keeps progressing."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from itertools import pairwise
 from pathlib import Path
 
+import httpx
 import orjson
 import paho.mqtt.client as mqtt
 
@@ -17,6 +19,7 @@ from tests.conftest import make_settings
 from tests.e2e.conftest import start_app
 from tests.e2e.test_ingest_e2e import publish
 from tests.fixtures.fake_influx import FakeInflux
+from tests.fixtures.mqtt_tap import PUBACK, running_tap
 from tests.fixtures.services import Mosquitto
 from tests.fixtures.waiting import eventually
 
@@ -94,7 +97,7 @@ async def test_a_record_refused_for_good_is_dead_lettered_and_the_rest_stored(
         )
         letter = letters.json()["items"][0]
         assert letter["payload"] == '{"seq": 1, "t": true}'
-        assert "time-series store refused it" in letter["detail"]
+        assert "timeseries store refused it" in letter["detail"]
         latest = await eventually(
             lambda: api.get("/api/v1/devices/conflict-1/latest"),
             lambda r: r.json()["fields"].get("t", {}).get("value") == 2.5,
@@ -137,16 +140,21 @@ async def test_a_full_spool_stops_acking_then_resumes_and_loses_nothing(
     empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     """InfluxDB refuses every write, so the spool (1 MiB here) fills: the collector stops
-    acking, `/ready` says why, and once InfluxDB is back every message is stored."""
+    acking (no PUBACK leaves it, seen on the wire), `/ready` says why, and once InfluxDB is back
+    every message is stored and acknowledged."""
     count = 2500  # ~1 KiB each: twice what the spool may hold
     padding = "x" * 1000
     messages = [
         (f"iot/full-{i % 5}/telemetry", orjson.dumps({"seq": i, "t": float(i), "note": padding}))
         for i in range(count)
     ]
-    async with FakeInflux() as influx:
+    async with FakeInflux() as influx, running_tap(mosquitto.port) as tap:
         settings = influx_settings(empty_pg_url, tmp_path, mosquitto, influx).model_copy(
-            update={"spool_max_bytes": 1 << 20, "spool_segment_bytes": 1 << 16}
+            update={
+                "spool_max_bytes": 1 << 20,
+                "spool_segment_bytes": 1 << 16,
+                "mqtt_url": tap.url,
+            }
         )
         async with start_app(settings) as api:
             influx.fail_next("write", 503, times=1_000_000, retry_after="0.2")
@@ -163,7 +171,14 @@ async def test_a_full_spool_stops_acking_then_resumes_and_loses_nothing(
             assert "IOTMETER_SPOOL_MAX_BYTES" in ready.text
             stats = (await api.get("/api/v1/stats")).json()
             assert stats["spool"]["full"] is True
-            assert stats["messages"]["received"] < count  # the rest waits at the broker
+            received = stats["messages"]["received"]
+            assert received < count  # the rest waits at the broker
+            # Acks for what was committed before the spool filled may still be leaving now.
+            await asyncio.sleep(0.5)
+            quiet_from = time.monotonic()
+            await asyncio.sleep(2.0)
+            assert tap.count(PUBACK, since=quiet_from) == 0, "PUBACK sent while the spool is full"
+            assert (await api.get("/api/v1/stats")).json()["messages"]["received"] == received
 
             influx.injected["write"].clear()
             await eventually(
@@ -176,6 +191,7 @@ async def test_a_full_spool_stops_acking_then_resumes_and_loses_nothing(
                 lambda: api.get("/ready"), lambda r: r.status_code == 200, what="/ready again"
             )
             assert (await api.get("/api/v1/stats")).json()["spool"]["full"] is False
+            assert tap.count(PUBACK) >= count
         publisher.join(30)
         assert not publisher.is_alive()
         assert influx.point_count() == count  # `t` of every message
@@ -198,26 +214,83 @@ def publish_patiently(broker_port: int, messages: list[tuple[str, bytes]], withi
         client.disconnect()
 
 
-async def test_a_slow_sink_holds_the_intake_and_everything_is_stored(
+async def sample_lag(api: httpx.AsyncClient, sink: str, until: asyncio.Event) -> list[int]:
+    """`lag_by_sink[sink]` (records committed, not yet confirmed by it) every few ms."""
+    seen: list[int] = []
+    while not until.is_set():
+        seen.append((await api.get("/api/v1/stats")).json()["spool"]["lag_by_sink"][sink])
+        await asyncio.sleep(0.01)
+    return seen
+
+
+async def test_a_slow_sink_holds_the_intake_within_four_batches(
     empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     """InfluxDB answers every write, but slowly: the collector stops reading from the broker
-    while the time-series sink is more than four batches behind, and nothing is lost."""
-    count = 300
+    while the time-series sink is more than four batches behind, so the spool never holds much
+    more than that for it (without the hold, all 600 would be in it at once), and nothing is
+    lost."""
+    count, batch = 600, 5
     async with FakeInflux() as influx:
         settings = influx_settings(empty_pg_url, tmp_path, mosquitto, influx).model_copy(
-            update={"batch_max_messages": 5}
+            update={"batch_max_messages": batch}
         )
         async with start_app(settings) as api:
-            influx.delay_next("write", 0.1, times=count)
+            influx.delay_next("write", 0.02, times=count)
+            done = asyncio.Event()
+            sampler = asyncio.create_task(sample_lag(api, "timeseries", done))
             publish(mosquitto.port, readings("slow-1", count))
             await eventually(
                 lambda: api.get("/api/v1/stats"),
                 lambda r: r.json()["messages"]["stored"] == count,
-                within=90,
+                within=120,
                 what=f"all {count} stored by the slow sink",
             )
+            done.set()
+            lags = await sampler
             stats = (await api.get("/api/v1/stats")).json()
             assert stats["spool"]["intake_held_s"] > 0
             assert stats["spool"]["failing_sinks"] == {}
+        assert influx.point_count() == count
+    # Four batches behind starts a hold; one more batch may be in the sink's hands and one
+    # more arriving while the hold begins.
+    assert max(lags) <= 6 * batch, f"the time-series sink fell {max(lags)} records behind"
+    assert len(lags) > 20
+
+
+async def test_a_failing_sink_does_not_hold_the_intake(
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """InfluxDB refuses every write: its sink is failing, so its backlog is the spool's to hold.
+    The intake keeps taking messages (60 batches of 5 here, far past the four-batch bound) and
+    the archive keeps storing them."""
+    count, batch = 300, 5
+    async with FakeInflux() as influx:
+        influx.fail_next("write", 503, times=1_000_000, retry_after="0.2")
+        settings = influx_settings(empty_pg_url, tmp_path, mosquitto, influx).model_copy(
+            update={"batch_max_messages": batch}
+        )
+        async with start_app(settings) as api:
+            publish(mosquitto.port, readings("failing-1", count))
+            stats = await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: (
+                    r.json()["messages"]["received"] == count
+                    and r.json()["spool"]["lag_by_sink"]["archive"] == 0
+                ),
+                within=30,
+                what="every message taken and archived while the time series fails",
+            )
+            spool = stats.json()["spool"]
+            assert spool["lag_by_sink"]["timeseries"] == count
+            assert "timeseries" in spool["failing_sinks"]
+            # At most the moment before the first 503 came back.
+            assert spool["intake_held_s"] < 1.5
+            influx.injected["write"].clear()
+            await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: r.json()["messages"]["stored"] == count,
+                within=60,
+                what="the time series to catch up",
+            )
         assert influx.point_count() == count
