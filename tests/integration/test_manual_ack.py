@@ -139,13 +139,13 @@ async def test_a_message_the_spool_has_not_committed_is_never_acknowledged(
 ) -> None:
     running, spool = intake
     release = threading.Event()
-    real_write = spool._write
+    real_write = spool.files.write
 
     def stuck_write(first_seq: int, last_seq: int, data: bytes) -> None:
         release.wait(10)  # the disk "hangs": the commit never completes
         real_write(first_seq, last_seq, data)
 
-    monkeypatch.setattr(spool, "_write", stuck_write)
+    monkeypatch.setattr(spool.files, "write", stuck_write)
     publisher = Publisher(broker)
     try:
         publisher.publish(b'{"n": 1}')

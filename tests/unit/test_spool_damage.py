@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from iotmeter.ingest import spool as spool_module
+from iotmeter.ingest import spool_files as spool_module
 from iotmeter.ingest.spool import Spool, SpoolInUse, SpoolRecord
 from iotmeter.ingest.spool_records import FILE_HEADER, encode_record
 

@@ -27,36 +27,23 @@ import fcntl
 import itertools
 import logging
 import os
-import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from iotmeter.config import env_name
 from iotmeter.errors import SettingsInvalid
-from iotmeter.ingest.spool_records import (
-    FILE_HEADER,
-    Damage,
-    Located,
-    SpoolRecord,
-    encode_record,
-    first_offset,
-    is_legacy,
-    scan,
-)
+from iotmeter.ingest.spool_files import SegmentFiles
+from iotmeter.ingest.spool_records import SpoolRecord, encode_record
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Chunk", "Spool", "SpoolInUse", "SpoolRecord", "encode_record"]
 
-_SEGMENT_SUFFIX = ".log"
 _CURSOR_SUFFIX = ".cursor"
-_INDEX_EVERY = 256
-"""Records between two entries of a segment's in-memory index (where a disk read starts)."""
 
 
 class SpoolInUse(SettingsInvalid):
@@ -83,70 +70,6 @@ class Chunk:
 
 def _last_seq(chunk: Chunk) -> int:
     return chunk.records[-1].seq
-
-
-@dataclass(slots=True)
-class _Segment:
-    first_seq: int
-    path: Path
-    size: int = 0
-    """Bytes that hold committed records (for the newest segment: where the next append goes)."""
-    last_seq: int = -1
-    legacy: bool = False
-    index: list[tuple[int, int]] = field(default_factory=list)
-    """(seq, offset) of some records, ascending: where a read of a later seq may start."""
-
-
-class _Quarantine:
-    """Damaged spool bytes, copied aside once, reported every time they are met."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.spans = 0
-        self.bytes = 0
-        self.records_lost = 0
-        self.last_event: str | None = None
-        self._seen: set[tuple[str, int]] = set()
-        self._lock = threading.Lock()
-
-    def files(self) -> list[Path]:
-        try:
-            return sorted(self.folder.glob("*.bin"))
-        except OSError:
-            return []
-
-    def keep(self, segment: _Segment, damage: Damage, before: int, after: int | None) -> None:
-        """Copy `damage` aside and report it; `before`/`after` are the seqs around it."""
-        with self._lock:
-            if (segment.path.name, damage.start) in self._seen:
-                return
-            self._seen.add((segment.path.name, damage.start))
-        lost = "an unknown number of" if after is None else str(max(0, after - before - 1))
-        target = self.folder / f"{segment.path.stem}@{damage.start}.bin"
-        try:
-            self.folder.mkdir(exist_ok=True)
-            if not target.exists():
-                with open(segment.path, "rb") as source:
-                    source.seek(damage.start)
-                    target.write_bytes(source.read(damage.end - damage.start))
-        except OSError as exc:
-            logger.error("spool: cannot copy damaged bytes to %s: %s", target, exc)
-        with self._lock:
-            self.spans += 1
-            self.bytes += damage.end - damage.start
-            if after is not None:
-                self.records_lost += max(0, after - before - 1)
-            self.last_event = (
-                f"{damage.end - damage.start} corrupt byte(s) at offset {damage.start} of "
-                f"{segment.path.name} (after record {before}: {lost} record(s) lost), "
-                f"copied to {target}"
-            )
-        logger.error(
-            "spool: committed data is damaged: %s; reading goes on after it. Check the disk; "
-            "delete the file from %s once you have looked at it.",
-            self.last_event,
-            self.folder,
-        )
 
 
 def _cursor_text(seq: int) -> str:
@@ -182,21 +105,15 @@ class Spool:
         self.directory = directory
         self.consumers = list(consumers)
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
         self.memory_bytes = memory_bytes
         self.fsync = fsync
-        self.quarantine = _Quarantine(directory / "quarantine")
+        self.files = SegmentFiles(directory, segment_bytes=segment_bytes, fsync=fsync)
+        self.quarantine = self.files.quarantine
         self.cursor_resets: list[str] = []
-        # The writer thread, the thread that frees segments and the readers share these.
-        self._lock = threading.Lock()
-        self._segments: list[_Segment] = []
-        self._file: int | None = None
         self._lock_file: int | None = None
         self._pending: list[SpoolRecord] = []
         self._pending_bytes = bytearray()
         self._disk_bytes = 0
-        # After-seq -> (segment, byte offset) where a disk read of that position stopped.
-        self._read_hints: dict[int, tuple[int, int]] = {}
         self._next_seq = 0
         self.committed_seq = -1
         self.confirmed: dict[str, int] = {}
@@ -215,27 +132,16 @@ class Spool:
         """Lock the folder, recover segments and positions (blocking; call at start-up)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_folder()
-        paths = sorted(
-            (path for path in self.directory.glob(f"*{_SEGMENT_SUFFIX}") if path.stem.isdigit()),
-            key=lambda path: int(path.stem),
-        )
-        for path in paths:
-            self._segments.append(_Segment(int(path.stem), path, path.stat().st_size))
-        for older, newer in itertools.pairwise(self._segments):
-            older.last_seq = newer.first_seq - 1
-            with open(older.path, "rb") as handle:
-                older.legacy = is_legacy(handle)
-        if self._segments:
-            self._recover_newest(self._segments[-1])
+        last_on_disk = self.files.recover()
         cursors = {consumer: self._read_cursor(consumer) for consumer in self.consumers}
         known = [seq for seq in cursors.values() if seq is not None]
-        if self._segments:
-            newest = self._segments[-1]
-            self._next_seq = max(newest.last_seq + 1, newest.first_seq)
+        if last_on_disk is not None:
+            self._next_seq = last_on_disk + 1
         # A cursor past the newest record (records lost to damage) must not be reused.
         self._next_seq = max(self._next_seq, max(known, default=-1) + 1)
         self.committed_seq = self._next_seq - 1
-        start = self._segments[0].first_seq - 1 if self._segments else self.committed_seq
+        first = self.files.first_seq
+        start = first - 1 if first is not None else self.committed_seq
         for consumer, seq in cursors.items():
             if seq is None:
                 self.cursor_resets.append(consumer)
@@ -247,16 +153,16 @@ class Spool:
                 )
                 seq = start
             self.confirmed[consumer] = min(seq, self.committed_seq)
-        self._free_segments()
-        self._disk_bytes = self.disk_bytes
+        self.files.free(self.floor)
+        self._disk_bytes = self.files.disk_bytes
         if self.committed_seq > self.floor:
-            first = self._read_disk(self.floor, 1)
-            if first:
-                self._unconfirmed.append((self.committed_seq, first[0].received_at_us))
+            oldest = self.files.read(self.floor, 1, self.committed_seq)
+            if oldest:
+                self._unconfirmed.append((self.committed_seq, oldest[0].received_at_us))
         logger.info(
             "spool at %s: %d segment(s), %d record(s) not yet confirmed by every sink",
             self.directory,
-            len(self._segments),
+            self.files.count,
             self.depth(),
         )
 
@@ -271,58 +177,6 @@ class Spool:
                 f"give each process its own {env_name('spool_dir')}"
             ) from None
         self._lock_file = descriptor
-
-    def _recover_newest(self, segment: _Segment) -> None:
-        """Find where the newest segment's good records end; cut a torn tail, quarantine
-        corruption."""
-        with open(segment.path, "r+b") as handle:
-            segment.legacy = is_legacy(handle)
-            if not segment.legacy and segment.size < len(FILE_HEADER):
-                handle.truncate(0)  # created, header not yet written: nothing in it
-                handle.write(FILE_HEADER)
-                segment.size = len(FILE_HEADER)
-            last = segment.first_seq - 1
-            cut: int | None = None
-            damage_before: tuple[Damage, int] | None = None
-            for item in scan(
-                handle,
-                first_offset(segment.legacy),
-                segment.size,
-                legacy=segment.legacy,
-                after_seq=last,
-                at_end_of_log=True,
-            ):
-                if isinstance(item, Damage):
-                    if item.kind == "torn":
-                        logger.warning(
-                            "spool: cutting a torn tail of %d bytes off %s (an append cut short "
-                            "by a crash: never committed, never acked)",
-                            item.end - item.start,
-                            segment.path.name,
-                        )
-                        cut = item.start
-                    elif item.end >= segment.size:
-                        self.quarantine.keep(segment, item, last, None)
-                        cut = item.start
-                    else:
-                        damage_before = (item, last)
-                    continue
-                if damage_before is not None:
-                    self.quarantine.keep(
-                        segment, damage_before[0], damage_before[1], item.record.seq
-                    )
-                    damage_before = None
-                self._index(segment, item)
-                last = item.record.seq
-            if cut is not None:
-                handle.truncate(cut)
-                segment.size = cut
-            segment.last_seq = last
-
-    @staticmethod
-    def _index(segment: _Segment, item: Located) -> None:
-        if not segment.index or item.record.seq >= segment.index[-1][0] + _INDEX_EVERY:
-            segment.index.append((item.record.seq, item.offset))
 
     def _cursor_path(self, consumer: str) -> Path:
         return self.directory / f"{consumer}{_CURSOR_SUFFIX}"
@@ -339,7 +193,7 @@ class Spool:
 
     @property
     def disk_bytes(self) -> int:
-        return sum(segment.size for segment in self._segments)
+        return self.files.disk_bytes
 
     @property
     def full(self) -> bool:
@@ -390,7 +244,7 @@ class Spool:
             records, data = self._pending, bytes(self._pending_bytes)
             self._pending, self._pending_bytes = [], bytearray()
             try:
-                await asyncio.to_thread(self._write, records[0].seq, records[-1].seq, data)
+                await asyncio.to_thread(self.files.write, records[0].seq, records[-1].seq, data)
             except BaseException:
                 self._pending[:0] = records
                 self._pending_bytes[:0] = data
@@ -406,53 +260,10 @@ class Spool:
                 del self._recent[:dropped]
             self._unconfirmed.append((records[-1].seq, records[0].received_at_us))
             self.committed_seq = records[-1].seq
-            self._disk_bytes = self.disk_bytes
+            self._disk_bytes = self.files.disk_bytes
             advanced, self._advanced = self._advanced, asyncio.Event()
             advanced.set()
             return self.committed_seq
-
-    def _write(self, first_seq: int, last_seq: int, data: bytes) -> None:
-        with self._lock:
-            newest = self._segments[-1] if self._segments else None
-            if newest is None or newest.legacy or newest.size >= self.segment_bytes:
-                if self._file is not None:
-                    os.close(self._file)
-                    self._file = None
-                path = self.directory / f"{first_seq:020d}{_SEGMENT_SUFFIX}"
-                newest = _Segment(first_seq, path, 0, first_seq - 1)
-                self._segments.append(newest)
-            if self._file is None:
-                self._file = os.open(newest.path, os.O_WRONLY | os.O_CREAT, 0o600)
-                os.lseek(self._file, newest.size, os.SEEK_SET)
-            offset = newest.size
-            if newest.size == 0:
-                data = FILE_HEADER + data
-                offset = len(FILE_HEADER)
-                self._sync_directory()
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._file, view) :]
-                if self.fsync:
-                    os.fdatasync(self._file)
-            except OSError:
-                # Never leave half a group behind: it would read as damage in the middle.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._file, newest.size)
-                    os.lseek(self._file, newest.size, os.SEEK_SET)
-                raise
-            newest.index.append((first_seq, offset))
-            newest.size += len(data)
-            newest.last_seq = last_seq
-
-    def _sync_directory(self) -> None:
-        if not self.fsync:
-            return
-        handle = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -480,88 +291,8 @@ class Spool:
                     break
             return chunks
         # Behind the in-memory window (a slow sink, or after a restart): read from disk.
-        records = await asyncio.to_thread(self._read_disk, after, max_records)
+        records = await asyncio.to_thread(self.files.read, after, max_records, self.committed_seq)
         return [Chunk(records)] if records else []
-
-    def _read_disk(self, after: int, max_records: int) -> list[SpoolRecord]:
-        """Records after `after`, from where the previous read of this position stopped (a
-        lagging sink reads each segment once, not once per batch), else from the nearest
-        indexed record before it."""
-        with self._lock:
-            segments = list(self._segments)
-            committed = self.committed_seq
-            ends = {segment.first_seq: segment.size for segment in segments}
-        out: list[SpoolRecord] = []
-        hint = self._read_hints.pop(after, None)
-        for segment in segments:
-            if segment.last_seq <= after:
-                continue
-            offset, before = self._start_of(segment, after, hint)
-            try:
-                with open(segment.path, "rb") as handle:
-                    done = self._read_segment(
-                        handle, segment, offset, ends[segment.first_seq], before, after, committed,
-                        max_records, out,
-                    )  # fmt: skip
-            except FileNotFoundError:
-                continue  # freed meanwhile: every consumer had confirmed it
-            if done:
-                break
-        return out
-
-    def _start_of(
-        self, segment: _Segment, after: int, hint: tuple[int, int] | None
-    ) -> tuple[int, int]:
-        """(byte offset, seq of the record before it) where a read after `after` may start."""
-        if hint is not None and hint[0] == segment.first_seq:
-            return hint[1], after
-        with self._lock:
-            index = list(segment.index)
-        position = bisect.bisect_right(index, (after + 1, 1 << 62)) - 1
-        if position >= 0:
-            seq, offset = index[position]
-            return offset, seq - 1
-        return first_offset(segment.legacy), segment.first_seq - 1
-
-    def _read_segment(
-        self,
-        handle: BinaryIO,
-        segment: _Segment,
-        offset: int,
-        end: int,
-        before: int,
-        after: int,
-        committed: int,
-        max_records: int,
-        out: list[SpoolRecord],
-    ) -> bool:
-        """Append to `out` the records of one segment after `after`; True once it is full."""
-        damage: Damage | None = None
-        last = before
-        for item in scan(handle, offset, end, legacy=segment.legacy, after_seq=before):
-            if isinstance(item, Damage):
-                if item.end >= end:
-                    self.quarantine.keep(segment, item, last, None)
-                else:
-                    damage = item
-                continue
-            record = item.record
-            if damage is not None:
-                self.quarantine.keep(segment, damage, last, record.seq)
-                damage = None
-            if record.seq > committed:
-                return True
-            last = record.seq
-            with self._lock:
-                self._index(segment, item)
-            if record.seq > after:
-                out.append(record)
-                if len(out) >= max_records:
-                    if len(self._read_hints) > 64:
-                        self._read_hints.clear()
-                    self._read_hints[record.seq] = (segment.first_seq, item.end)
-                    return True
-        return False
 
     # --- confirming ---------------------------------------------------------------------------
 
@@ -574,9 +305,10 @@ class Spool:
         floor = self.floor
         while self._unconfirmed and self._unconfirmed[0][0] <= floor:
             self._unconfirmed.popleft()
-        if self._segments and self._segments[0].last_seq <= floor:
-            await asyncio.to_thread(self._free_segments)
-            self._disk_bytes = self.disk_bytes
+        oldest = self.files.oldest_last_seq()
+        if oldest is not None and oldest <= floor:
+            await asyncio.to_thread(self.files.free, floor)
+            self._disk_bytes = self.files.disk_bytes
 
     def _write_cursor(self, consumer: str, seq: int) -> None:
         # Not followed by an fsync of the folder: a rename lost to a power cut only moves the
@@ -589,21 +321,6 @@ class Spool:
             if self.fsync:
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
-
-    def _free_segments(self) -> None:
-        floor = self.floor
-        with self._lock:
-            # Never delete the segment being written.
-            while len(self._segments) > 1 and self._segments[0].last_seq <= floor:
-                segment = self._segments.pop(0)
-                segment.path.unlink(missing_ok=True)
-            only = self._segments[0] if len(self._segments) == 1 else None
-            if only is not None and only.last_seq <= floor and only.size >= self.segment_bytes:
-                # The only segment is full and fully confirmed: start afresh on next write.
-                if self._file is not None:
-                    os.close(self._file)
-                    self._file = None
-                self._segments.pop(0).path.unlink(missing_ok=True)
 
     # --- observing ----------------------------------------------------------------------------
 
@@ -632,13 +349,10 @@ class Spool:
         )
 
     def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                os.close(self._file)
-                self._file = None
+        self.files.close()
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
 
     def iter_segment_paths(self) -> Iterator[Path]:
-        return (segment.path for segment in self._segments)
+        return iter(self.files.paths())
