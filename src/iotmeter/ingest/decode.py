@@ -39,6 +39,10 @@ __all__ = [
 _MAX_SUPPORTED_DEPTH = 200
 
 
+Refusal = tuple[RejectReason, str]
+"""Why an object is refused: the reason code and the sentence for the sender."""
+
+
 @dataclass(frozen=True, slots=True)
 class DecodeLimits:
     """How much a message may ask of the decoder; see `Settings` for the meaning of each."""
@@ -213,6 +217,18 @@ def _decode(payload: bytes, topic: str, received_at_us: int, limits: DecodeLimit
             device_id,
         )
 
+    return _decode_document(document, device_id, topic, received_at_us, payload, limits)
+
+
+def _decode_document(
+    document: Any,
+    device_id: str,
+    topic: str,
+    received_at_us: int,
+    payload: bytes,
+    limits: DecodeLimits,
+) -> Decoded:
+    """A parsed payload: one reading set, a batch of them, or why it is neither."""
     if type(document) is dict:
         result = _decode_reading_set(
             document, device_id, topic, received_at_us, payload, None, limits
@@ -258,52 +274,42 @@ def _decode_batch(
         except TypeError:
             # Only a batch parsed leniently gets here: a lone UTF-16 surrogate (orjson refuses
             # them, as any strict parser does). Its JSON is kept ASCII-escaped.
-            rejections.append(
-                Rejection(
-                    RejectReason.NOT_JSON,
-                    f"batch element {index} contains a lone UTF-16 surrogate escape (like "
-                    "\\ud800), which is not valid Unicode text; send valid UTF-8",
-                    topic,
-                    json.dumps(element).encode(),
-                    device_id,
-                    index,
-                )
+            raw = json.dumps(element).encode()
+            refusal: Refusal | None = (
+                RejectReason.NOT_JSON,
+                f"batch element {index} contains a lone UTF-16 surrogate escape (like "
+                "\\ud800), which is not valid Unicode text; send valid UTF-8",
             )
-            continue
-        if several and type(element) is dict and not any(key in element for key in _TIME_KEYS):
-            rejections.append(
-                Rejection(
-                    RejectReason.MISSING_TIMESTAMP,
-                    f"batch element {index} has no 'ts'; in a batch of several reading sets each "
-                    "needs its own time (without one they would all take the arrival time and "
-                    "overwrite each other)",
-                    topic,
-                    raw,
-                    device_id,
-                    index,
-                )
-            )
-            continue
-        if type(element) is not dict:
-            rejections.append(
-                Rejection(
-                    RejectReason.NOT_OBJECT,
-                    f"batch element {index} is {_kind_of(element)}; each element must be an "
-                    f"object of readings",
-                    topic,
-                    raw,
-                    device_id,
-                    index,
-                )
-            )
-            continue
-        result = _decode_reading_set(element, device_id, topic, received_at_us, raw, index, limits)
-        if isinstance(result, ReadingSet):
-            readings.append(result)
         else:
-            reason, detail = result
-            rejections.append(Rejection(reason, detail, topic, raw, device_id, index))
+            refusal = _element_refused(element, index, several)
+        if refusal is None:
+            result = _decode_reading_set(
+                element, device_id, topic, received_at_us, raw, index, limits
+            )
+            if isinstance(result, ReadingSet):
+                readings.append(result)
+                continue
+            refusal = result
+        rejections.append(Rejection(*refusal, topic, raw, device_id, index))
     return Decoded(readings, rejections)
+
+
+def _element_refused(element: Any, index: int, several: bool) -> Refusal | None:
+    """Why a batch element is not even a reading set, if it is not."""
+    if type(element) is not dict:
+        return (
+            RejectReason.NOT_OBJECT,
+            f"batch element {index} is {_kind_of(element)}; each element must be an object of "
+            "readings",
+        )
+    if several and not any(key in element for key in _TIME_KEYS):
+        return (
+            RejectReason.MISSING_TIMESTAMP,
+            f"batch element {index} has no 'ts'; in a batch of several reading sets each needs "
+            "its own time (without one they would all take the arrival time and overwrite each "
+            "other)",
+        )
+    return None
 
 
 def _decode_reading_set(
@@ -314,8 +320,37 @@ def _decode_reading_set(
     raw: bytes,
     batch_index: int | None,
     limits: DecodeLimits,
-) -> ReadingSet | tuple[RejectReason, str]:
+) -> ReadingSet | Refusal:
     """A reading set, or why this object is refused (the caller knows what to keep of it)."""
+    refusal = _attributes_refused(document, device_id)
+    if refusal is not None:
+        return refusal
+    epoch_us = _reading_time(document, received_at_us, limits)
+    if isinstance(epoch_us, tuple):
+        return epoch_us
+    container = "metrics" if "metrics" in document else "values" if "values" in document else None
+    if container is None:
+        values = _top_level_values(document)
+    else:
+        values = _container_values(container, document[container])
+    if isinstance(values, tuple):
+        return values
+    return ReadingSet(
+        device_id=device_id,
+        epoch_us=epoch_us,
+        values=values,
+        topic=topic,
+        received_at_us=received_at_us,
+        raw=raw,
+        device_type=document.get("type"),
+        msg_id=document.get("msg_id"),
+        seq=document.get("seq"),
+        batch_index=batch_index,
+    )
+
+
+def _attributes_refused(document: dict[str, Any], device_id: str) -> Refusal | None:
+    """What is wrong with `device_id`, `msg_id`, `seq` or `type`, if anything."""
     claimed_id = document.get("device_id", device_id)
     if claimed_id != device_id:
         return (
@@ -323,7 +358,6 @@ def _decode_reading_set(
             f"'device_id' in the payload is {_shorten(claimed_id)} but the topic is for "
             f"{device_id!r}; drop the field or publish on that device's topic",
         )
-
     msg_id = document.get("msg_id")
     if (msg_id is not None or "msg_id" in document) and (
         type(msg_id) is not str or not 0 < len(msg_id) <= _MAX_MSG_ID_CHARS
@@ -333,14 +367,12 @@ def _decode_reading_set(
             f"'msg_id' is {_shorten(msg_id)}; it must be a string of 1 to "
             f"{_MAX_MSG_ID_CHARS} characters",
         )
-
     seq = document.get("seq")
     if (seq is not None or "seq" in document) and (type(seq) is not int or seq < 0):
         return (
             RejectReason.BAD_ATTRIBUTE,
             f"'seq' is {_shorten(seq)}; it must be a non-negative integer",
         )
-
     device_type = document.get("type")
     if (device_type is not None or "type" in document) and (
         type(device_type) is not str or DEVICE_TYPE_RE.fullmatch(device_type) is None
@@ -350,102 +382,100 @@ def _decode_reading_set(
             f"'type' is {_shorten(device_type)}; it must be a lowercase letter followed by up "
             f"to 31 lowercase letters, digits or '_' (like 'power_meter')",
         )
+    return None
 
-    epoch_us = received_at_us
+
+def _reading_time(
+    document: dict[str, Any], received_at_us: int, limits: DecodeLimits
+) -> int | Refusal:
+    """The reading's time in epoch microseconds (the arrival time when it has none)."""
     for time_key in _TIME_KEYS:
-        if time_key in document:
-            stamp = document[time_key]
-            if type(stamp) is float and not math.isfinite(stamp):  # lenient batch path only
-                return RejectReason.NOT_FINITE, f"'{time_key}' is not a finite number"
-            parsed = _epoch_us(stamp)
-            if isinstance(parsed, str):
-                return RejectReason.BAD_TIMESTAMP, f"'{time_key}' {parsed}"
-            epoch_us = parsed
-            if epoch_us - received_at_us > limits.max_future_skew_us:
-                return (
-                    RejectReason.FUTURE_TIMESTAMP,
-                    f"'{time_key}' is {(epoch_us - received_at_us) / 1e6:.3f} s after the time "
-                    f"the message arrived (at most {limits.max_future_skew_us / 1e6:g} s "
-                    f"allowed); check the device clock",
-                )
-            break
+        if time_key not in document:
+            continue
+        stamp = document[time_key]
+        if type(stamp) is float and not math.isfinite(stamp):  # lenient batch path only
+            return RejectReason.NOT_FINITE, f"'{time_key}' is not a finite number"
+        parsed = _epoch_us(stamp)
+        if isinstance(parsed, str):
+            return RejectReason.BAD_TIMESTAMP, f"'{time_key}' {parsed}"
+        if parsed - received_at_us > limits.max_future_skew_us:
+            return (
+                RejectReason.FUTURE_TIMESTAMP,
+                f"'{time_key}' is {(parsed - received_at_us) / 1e6:.3f} s after the time "
+                f"the message arrived (at most {limits.max_future_skew_us / 1e6:g} s "
+                f"allowed); check the device clock",
+            )
+        return parsed
+    return received_at_us
 
+
+def _container_values(container: str, source: Any) -> dict[str, float | bool] | Refusal:
+    """The readings under `metrics` (or `values`): every entry must be one."""
+    if type(source) is not dict:
+        return (
+            RejectReason.BAD_VALUE_TYPE,
+            f"'{container}' is {_kind_of(source)}; it must be an object of name -> number "
+            f"or boolean",
+        )
     values: dict[str, float | bool] = {}
-    container = "metrics" if "metrics" in document else "values" if "values" in document else None
-    if container is not None:
-        source = document[container]
-        if type(source) is not dict:
+    for name, value in source.items():
+        if not _is_field_name(name):
+            return (
+                RejectReason.BAD_FIELD_NAME,
+                f"field name {_shorten(name)} is not allowed; {_FIELD_NAME_RULE}",
+            )
+        kind = type(value)
+        # orjson refuses NaN, Infinity and numbers that overflow a double; only a batch
+        # parsed leniently (see _lenient_batch) brings them here.
+        if kind is float and not math.isfinite(value):
+            return _not_finite(name)
+        if kind is float or kind is bool:
+            values[name] = value
+        elif kind is int:
+            values[name] = float(value)
+        else:
             return (
                 RejectReason.BAD_VALUE_TYPE,
-                f"'{container}' is {_kind_of(source)}; it must be an object of name -> number "
-                f"or boolean",
+                f"field {_shorten(name)} is {_kind_of(value)}; readings must be numbers or "
+                f"booleans",
             )
-        for name, value in source.items():
+    if not values:
+        return (
+            RejectReason.NO_READINGS,
+            f"'{container}' is empty; add at least one name -> number or boolean reading",
+        )
+    return values
+
+
+def _top_level_values(document: dict[str, Any]) -> dict[str, float | bool] | Refusal:
+    """No container: top-level numbers and booleans are the readings, and other top-level
+    values (strings, objects...) are attributes, which the time-series store ignores."""
+    values: dict[str, float | bool] = {}
+    for name, value in document.items():
+        kind = type(value)
+        if (kind is float or kind is int or kind is bool) and name not in _RESERVED_KEYS:
+            if kind is float and not math.isfinite(value):
+                return _not_finite(name)
             if not _is_field_name(name):
                 return (
                     RejectReason.BAD_FIELD_NAME,
                     f"field name {_shorten(name)} is not allowed; {_FIELD_NAME_RULE}",
                 )
-            kind = type(value)
-            # orjson refuses NaN, Infinity and numbers that overflow a double; only a batch
-            # parsed leniently (see _lenient_batch) brings them here.
-            if kind is float and not math.isfinite(value):
-                return (
-                    RejectReason.NOT_FINITE,
-                    f"field {_shorten(name)} is not a finite number; send finite numbers only "
-                    "(JSON has no NaN or Infinity)",
-                )
-            if kind is float or kind is bool:
-                values[name] = value
-            elif kind is int:
-                values[name] = float(value)
-            else:
-                return (
-                    RejectReason.BAD_VALUE_TYPE,
-                    f"field {_shorten(name)} is {_kind_of(value)}; readings must be numbers or "
-                    f"booleans",
-                )
-        if not values:
-            return (
-                RejectReason.NO_READINGS,
-                f"'{container}' is empty; add at least one name -> number or boolean reading",
-            )
-    else:
-        # No container: top-level numbers and booleans are the readings, and other top-level
-        # values (strings, objects...) are attributes, which the time-series store ignores.
-        for name, value in document.items():
-            kind = type(value)
-            if (kind is float or kind is int or kind is bool) and name not in _RESERVED_KEYS:
-                if kind is float and not math.isfinite(value):
-                    return (
-                        RejectReason.NOT_FINITE,
-                        f"field {_shorten(name)} is not a finite number; send finite numbers "
-                        "only (JSON has no NaN or Infinity)",
-                    )
-                if not _is_field_name(name):
-                    return (
-                        RejectReason.BAD_FIELD_NAME,
-                        f"field name {_shorten(name)} is not allowed; {_FIELD_NAME_RULE}",
-                    )
-                values[name] = float(value) if kind is int else value
-        if not values:
-            return (
-                RejectReason.NO_READINGS,
-                "no readings found; put name -> number or boolean readings under 'metrics' "
-                "(or 'values', or at the top level)",
-            )
+            values[name] = float(value) if kind is int else value
+    if not values:
+        return (
+            RejectReason.NO_READINGS,
+            "no readings found; put name -> number or boolean readings under 'metrics' "
+            "(or 'values', or at the top level)",
+        )
+    return values
 
-    return ReadingSet(
-        device_id=device_id,
-        epoch_us=epoch_us,
-        values=values,
-        topic=topic,
-        received_at_us=received_at_us,
-        raw=raw,
-        device_type=device_type,
-        msg_id=msg_id,
-        seq=seq,
-        batch_index=batch_index,
+
+def _not_finite(name: str) -> Refusal:
+    return (
+        RejectReason.NOT_FINITE,
+        f"field {_shorten(name)} is not a finite number; send finite numbers only "
+        "(JSON has no NaN or Infinity)",
     )
 
 

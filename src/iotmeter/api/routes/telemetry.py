@@ -14,10 +14,10 @@ from pydantic import BaseModel
 from iotmeter.api.deps import StateDep, require_device
 from iotmeter.api.schemas import ErrorResponse
 from iotmeter.api.timerange import format_time, parse_duration_us, parse_instant_us
-from iotmeter.config import env_name
 from iotmeter.errors import ValidationFailed
 from iotmeter.ids import FIELD_NAME_RE
-from iotmeter.storage.timeseries.base import AGGREGATES, Aggregate, SeriesPoint, SeriesQuery
+from iotmeter.services.telemetry import check_point_count, plan_query
+from iotmeter.storage.timeseries.base import AGGREGATES, Aggregate, SeriesPoint
 
 router = APIRouter(tags=["telemetry"])
 MAX_LATEST_DEVICES = 500
@@ -66,7 +66,10 @@ def _fields(text: str | None) -> list[str] | None:
     names = [name.strip() for name in text.split(",") if name.strip()]
     bad = [name for name in names if not FIELD_NAME_RE.fullmatch(name)]
     if bad:
-        raise ValidationFailed(f"fields: {bad[0]!r} is not a field name ([A-Za-z0-9_.-]{{1,64}})")
+        raise ValidationFailed(
+            f"fields: {bad[0]!r} is not a field name (1 to 64 ASCII letters, digits, '_', '.' "
+            "or '-', not starting with '_' and not 'time')"
+        )
     return names
 
 
@@ -119,59 +122,48 @@ async def device_telemetry(
     """Raw points, or one point per window (time = window start, windows aligned to the
     epoch). The range and the number of points are bounded by settings; over them, a 400
     says what to change."""
-    settings = state.settings
     await require_device(state, device_id)
     now_us = time.time_ns() // 1000
     start_us = parse_instant_us(start, "start", now_us)
     stop_us = parse_instant_us(stop, "stop", now_us)
-    if start_us >= stop_us:
-        raise ValidationFailed("start must be before stop")
-    max_range_us = int(settings.query_max_range_s * 1_000_000)
-    if stop_us - start_us > max_range_us:
-        raise ValidationFailed(
-            f"the range spans {(stop_us - start_us) / 86_400e6:.1f} days; at most "
-            f"{settings.query_max_range_s / 86400:.1f} days ({env_name('query_max_range_s')}): "
-            "narrow start/stop"
-        )
-    every_us = parse_duration_us(every, "every") if every else None
-    field_names = _fields(fields)
-    max_points = settings.query_max_points
-    if every_us is not None:
-        windows = -(-(stop_us - start_us) // every_us)
-        if windows * len(field_names or [""]) > max_points:
-            smallest = -(-(stop_us - start_us) * len(field_names or [""]) // max_points)
-            raise ValidationFailed(
-                f"{windows} windows of {every} exceed the limit of {max_points} points "
-                f"({env_name('query_max_points')}); use every >= {smallest // 1_000_000 + 1}s "
-                "or a shorter range"
-            )
-    points = await state.timeseries.query(
-        SeriesQuery(
-            device_id=device_id,
-            start_us=start_us,
-            stop_us=stop_us,
-            fields=field_names,
-            every_us=every_us,
-            aggregate=aggregate,
-            limit=max_points + 1,
-        )
+    query = plan_query(
+        state.settings,
+        device_id,
+        start_us=start_us,
+        stop_us=stop_us,
+        every_us=parse_duration_us(every, "every") if every else None,
+        every_text=every,
+        fields=_fields(fields),
+        aggregate=aggregate,
     )
-    if len(points) > max_points:
-        raise ValidationFailed(
-            f"more than {max_points} points in this range ({env_name('query_max_points')}); "
-            "add every= (e.g. every=1m) to aggregate, or narrow the range or the fields"
-        )
+    points = await state.timeseries.query(query)
+    check_point_count(state.settings, points)
     if _wants_csv(request, format):
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["device_id", "field", "ts", "value"])
-        for point in points:
-            writer.writerow(
-                [device_id, point.field, format_time(point.epoch_us), repr(point.value)]
-            )
-        return Response(buffer.getvalue(), media_type="text/csv; charset=utf-8")
-    # The body of a `TelemetryResponse`, built as plain data: a model per point costs more
-    # than the query (and the route declares no response model, so nothing is validated twice).
+        return Response(_csv(device_id, points), media_type="text/csv; charset=utf-8")
+    return JSONResponse(
+        {
+            "device_id": device_id,
+            "start": format_time(start_us),
+            "stop": format_time(stop_us),
+            "every": every,
+            "aggregate": aggregate if every else None,
+            "series": _series(points),
+        }
+    )
+
+
+def _csv(device_id: str, points: list[SeriesPoint]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["device_id", "field", "ts", "value"])
+    for point in points:
+        writer.writerow([device_id, point.field, format_time(point.epoch_us), repr(point.value)])
+    return buffer.getvalue()
+
+
+def _series(points: list[SeriesPoint]) -> list[dict[str, Any]]:
+    """The `series` of a `TelemetryResponse`, built as plain data: a model per point costs more
+    than the query (and the route declares no response model, so nothing is validated twice)."""
     series: dict[str, list[dict[str, Any]]] = {}
     stamps: dict[int, str] = {}  # windows repeat across fields
     for point in points:
@@ -182,15 +174,7 @@ async def device_telemetry(
         if ts is None:
             ts = stamps[point.epoch_us] = format_time(point.epoch_us)
         values.append({"ts": ts, "value": point.value})
-    body = {
-        "device_id": device_id,
-        "start": format_time(start_us),
-        "stop": format_time(stop_us),
-        "every": every,
-        "aggregate": aggregate if every else None,
-        "series": [{"field": name, "points": values} for name, values in series.items()],
-    }
-    return JSONResponse(body)
+    return [{"field": name, "points": values} for name, values in series.items()]
 
 
 @router.get(

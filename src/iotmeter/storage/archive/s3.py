@@ -152,6 +152,25 @@ class SignedPut:
             await backoff.wait(refused)
 
 
+def _client_config(concurrency: int, connect_timeout: float, read_timeout: float) -> AioConfig:
+    return AioConfig(
+        s3={"addressing_style": "path"},
+        # No retries inside botocore: the project's one policy retries (the sink runner for
+        # writes; a read answers 503 and the client tries again).
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        # One pooled connection per concurrent upload (botocore's default pool is 10).
+        max_pool_connections=concurrency,
+        # Checksums only where S3 demands them: S3-compatible servers differ in support
+        # for the newer default (CRC trailers on every upload).
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # Load the service model in a thread, not on the event loop.
+        warm_up_loader_caches=True,
+    )
+
+
 def _s3_error(body: bytes) -> tuple[str, str]:
     """(Code, Message) of an S3 XML error body; empty strings when it has none."""
     try:
@@ -205,22 +224,7 @@ class S3ArchiveStore:
         max_attempts: int = 3,
     ) -> AsyncIterator[S3ArchiveStore]:
         """A store with its own client; checks (or creates) the bucket, tolerating S3 down."""
-        config = AioConfig(
-            s3={"addressing_style": "path"},
-            # No retries inside botocore: the project's one policy retries (the sink runner for
-            # writes; a read answers 503 and the client tries again).
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            # One pooled connection per concurrent upload (botocore's default pool is 10).
-            max_pool_connections=concurrency,
-            # Checksums only where S3 demands them: S3-compatible servers differ in support
-            # for the newer default (CRC trailers on every upload).
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            # Load the service model in a thread, not on the event loop.
-            warm_up_loader_caches=True,
-        )
+        config = _client_config(concurrency, connect_timeout, read_timeout)
         session = get_session()
         async with (
             contextlib.AsyncExitStack() as stack,

@@ -184,6 +184,19 @@ def decode_line(
     measurement, index = _scan(text, 0, ", ", _MEASUREMENT_SPECIAL)
     if not measurement:
         raise ValueError("missing measurement")
+    tags, index = _decode_tags(text, index)
+    if index >= len(text) or text[index] != " ":
+        raise ValueError("missing fields")
+    fields, index = _decode_fields(text, index + 1)
+    if index >= len(text) or text[index] != " ":
+        raise ValueError("missing timestamp")
+    stamp = text[index + 1 :].rstrip(" ")
+    if not stamp or not stamp.lstrip("-").isdigit() or not stamp.isascii():
+        raise ValueError(f"invalid timestamp {stamp!r}")
+    return measurement, tags, fields, int(stamp)
+
+
+def _decode_tags(text: str, index: int) -> tuple[dict[str, str], int]:
     tags: dict[str, str] = {}
     while index < len(text) and text[index] == ",":
         key, index = _scan(text, index + 1, "=, ", _KEY_SPECIAL)
@@ -195,10 +208,11 @@ def decode_line(
         if key in tags:
             raise ValueError(f"duplicate tag {key!r}")
         tags[key] = value
-    if index >= len(text) or text[index] != " ":
-        raise ValueError("missing fields")
+    return tags, index
+
+
+def _decode_fields(text: str, index: int) -> tuple[dict[str, FieldValue], int]:
     fields: dict[str, FieldValue] = {}
-    index += 1
     while True:
         key, index = _scan(text, index, "=, ", _KEY_SPECIAL)
         if not key or index >= len(text) or text[index] != "=":
@@ -222,10 +236,4 @@ def decode_line(
         if index < len(text) and text[index] == ",":
             index += 1
             continue
-        break
-    if index >= len(text) or text[index] != " ":
-        raise ValueError("missing timestamp")
-    stamp = text[index + 1 :].rstrip(" ")
-    if not stamp or not stamp.lstrip("-").isdigit() or not stamp.isascii():
-        raise ValueError(f"invalid timestamp {stamp!r}")
-    return measurement, tags, fields, int(stamp)
+        return fields, index
