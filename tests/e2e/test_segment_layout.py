@@ -3,6 +3,7 @@ raw-data API and replay like per-message objects, and rebuilt from the spool aft
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from iotmeter.config import Settings
 from tests.conftest import make_settings
 from tests.e2e.conftest import start_app
 from tests.e2e.test_ingest_e2e import publish
+from tests.fixtures.delivery import AppProcess, app_environment
 from tests.fixtures.s3 import open_test_s3_store, s3_settings
 from tests.fixtures.services import Mosquitto, SeaweedFS
 from tests.fixtures.waiting import eventually
@@ -142,3 +144,58 @@ async def test_replay_reads_segments(
             json={"start": "2026-11-01T00:00:00Z", "stop": "2026-12-01T00:00:00Z"},
         )
         assert response.json() == {"messages": 25, "readings": 25, "refused": 0}
+
+
+async def test_an_epoch_cut_short_by_a_crash_is_rebuilt_into_the_same_segments(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The crash-recovery path: the epoch's intent is on disk, one device's segment is written,
+    the next one's write fails, and the process is SIGKILLed before the archive confirmed
+    anything. After the restart the same records make the same segments: the written one is
+    rewritten under its own key (same bytes), nothing is doubled, nothing is missing."""
+    workdir = tmp_path / "app"
+    env = app_environment(
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/iotmeter.db",
+        mqtt_url=mosquitto.url,
+        workdir=workdir,
+        client_id="iotmeter-segment-crash",
+        IOTMETER_ARCHIVE_LAYOUT="segment",
+        IOTMETER_ARCHIVE_SEGMENT_MAX_AGE_S="2",
+        IOTMETER_BATCH_MAX_DELAY_S="0.05",
+    )
+    archive = workdir / "archive"
+    app = AppProcess(env, workdir)
+    try:
+        await app.start("ready")
+        archive.mkdir(parents=True, exist_ok=True)
+        (archive / "crash-b").write_text("a file where the device's folder must go")
+        publish(mosquitto.port, messages("crash-a", 60) + messages("crash-b", 40))
+        await eventually(
+            lambda: asyncio.to_thread(lambda: list((archive / "crash-a").glob("*.ndjson"))),
+            lambda found: len(found) == 1,
+            what="crash-a's segment written before crash-b's write fails",
+        )
+        stats = await eventually(
+            app.stats,
+            lambda body: body is not None and "archive" in body["spool"]["failing_sinks"],
+            what="the archive sink failing on crash-b",
+        )
+        assert stats is not None
+        assert stats["spool"]["lag_by_sink"]["archive"] == 100  # nothing confirmed
+        assert (workdir / "spool" / "archive-epoch").exists()
+        before = sorted(path.name for path in (archive / "crash-a").iterdir())
+        app.kill()
+        (archive / "crash-b").unlink()
+        await app.start("ready")
+        await eventually(
+            app.stats,
+            lambda body: body is not None and body["spool"]["depth"] == 0,
+            what="the epoch rebuilt and confirmed",
+        )
+    finally:
+        app.close()
+    assert sorted(path.name for path in (archive / "crash-a").iterdir()) == before
+    for device, count in (("crash-a", 60), ("crash-b", 40)):
+        (segment,) = list((archive / device).glob("*.ndjson"))
+        values = [orjson.loads(line)["payload"]["v"] for line in segment.read_bytes().splitlines()]
+        assert values == list(range(count))
