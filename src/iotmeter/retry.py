@@ -90,8 +90,10 @@ class Backoff:
             self._log.debug("%s still failing: %s", self.what, self.last_error)
         asked = retry_after_of(exc)
         if asked is not None:
-            if asked > self.retry_after_cap:
-                self._log.warning(
+            if asked > self.retry_after_cap and self.failures == 1:
+                # Said with the outage's first line, not at every try.
+                self._log.log(
+                    logging.DEBUG if self._quiet else logging.WARNING,
                     "%s: asked to wait %.0f s (Retry-After); trying again after %.0f s",
                     self.what,
                     asked,

@@ -42,6 +42,10 @@ Park = Callable[[str, list[Rejection]], Awaitable[None]]
 class _Systemic(Exception):
     """The sink failed on every part of a batch: the sink's fault, not a record's."""
 
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(describe(cause))
+        self.cause = cause
+
 
 class SinkRunner:
     """Drains the spool into one sink until cancelled."""
@@ -125,11 +129,13 @@ class SinkRunner:
             self.progress.set()
 
     async def deliver(self, batch: Batch) -> int | None:
-        """Store the batch, however long it takes; park what the sink cannot take."""
+        """Store the batch, however long it takes; park what the sink cannot take.
+
+        Returns what the sink said is durable (None: all of the batch)."""
         tries = 0
         while True:
             try:
-                return await self._store(batch)
+                durable = await self._store(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -140,36 +146,42 @@ class SinkRunner:
                 if tries < self.max_tries:
                     await self.backoff.wait(exc)
                     continue
+            else:
+                self._succeeded()
+                return durable
             try:
-                return await self._isolate(batch)
-            except _Systemic as exc:
+                durable = await self._isolate(batch)
+            except _Systemic as systemic:
                 logger.error(
                     "%s sink fails on every record of a batch (%s): the fault is the sink's, "
                     "not a record's; trying again as in an outage",
                     self.name,
-                    exc,
+                    describe(systemic.cause),
                 )
-                await self.backoff.wait(exc)
+                await self.backoff.wait(systemic.cause)
                 tries = 0
-
-    async def _store(self, batch: Batch) -> int | None:
-        """One try at the whole batch; an outage is waited out here, for as long as it takes."""
-        while True:
-            try:
-                durable = await self.sink.store(batch)
-            except BackendUnavailable as exc:
-                self._failed(exc)
-                await self.backoff.wait(exc)
                 continue
-            except StoreRejected as exc:
-                self._succeeded()
-                await self._park_readings(exc.rejected, RejectReason.REFUSED_BY_STORE)
-                return None
             self._succeeded()
             return durable
 
+    async def _store(self, batch: Batch) -> int | None:
+        """One try at the whole batch; an outage is waited out here, for as long as it takes.
+        (A sink that buffers never raises StoreRejected: what it refuses is not yet written.)"""
+        while True:
+            try:
+                return await self.sink.store(batch)
+            except BackendUnavailable as exc:
+                self._failed(exc)
+                await self.backoff.wait(exc)
+            except StoreRejected as exc:
+                await self._park_readings(exc.rejected, RejectReason.REFUSED_BY_STORE)
+                return None
+
     async def _isolate(self, batch: Batch) -> int | None:
-        """Store the batch's parts apart; a part that fails alone is parked."""
+        """Store the batch's parts apart; a part that fails alone is parked.
+
+        Returns what the sink last said is durable: a parked record makes nothing durable
+        (a buffering sink may still hold the records around it)."""
         durable: int | None = None
         stored_any = False
         failing: list[tuple[Batch, BaseException]] = []
@@ -188,34 +200,36 @@ class SinkRunner:
                 else:
                     parts.extendleft(reversed(halves))
         if not stored_any and failing and batch.units > 1:
-            raise _Systemic(describe(failing[0][1]))
+            raise _Systemic(failing[0][1])
         for part, error in failing:
-            durable = await self._last_tries(part, error)
+            stored, last = await self._last_tries(part, error)
+            if stored:
+                durable = last
         return durable
 
-    async def _last_tries(self, part: Batch, error: BaseException) -> int | None:
+    async def _last_tries(self, part: Batch, error: BaseException) -> tuple[bool, int | None]:
+        """(True, durable) when the record was stored after all; (False, None) when parked."""
         for _ in range(self.max_tries - 1):
             await self.backoff.wait(error)
             try:
-                return await self._store(part)
+                return True, await self._store(part)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 error = exc
         (message,) = part.messages
         detail = (
-            f"the {self.name} sink failed on it {self.max_tries} times ({describe(error)}); "
+            f"the {self.name} sink failed on it every time it was tried ({describe(error)}); "
             "it was set aside so that the records behind it go on. The other sinks kept it."
         )
         items: list[ReadingSet | Rejection] = [*message.readings, *message.rejections]
         dead = [_dead_letter(item, RejectReason.SINK_FAILED, detail) for item in items]
         if not dead:
-            return None
+            return False, None
         logger.error("%s sink: parked a record of %s: %s", self.name, dead[0].topic, detail)
         await self._retrying(lambda: self.park(self.name, dead))
         self.parked += len(dead)
-        self._succeeded()
-        return None
+        return False, None
 
     async def _park_readings(
         self, refused: list[tuple[ReadingSet, str]], reason: RejectReason
@@ -235,7 +249,7 @@ class SinkRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not isinstance(exc, BackendUnavailable):
+                if not isinstance(exc, BackendUnavailable) and not self.backoff.failing:
                     logger.exception("%s sink: unexpected failure; trying again", self.name)
                 self._failed(exc)
                 await self.backoff.wait(exc)

@@ -9,7 +9,8 @@ What `store` may raise, and what the runner then does:
 - `BackendUnavailable` (with `retry_after` when the store said): the store is down or busy;
   the same batch is tried again, for as long as it takes.
 - `StoreRejected`: the store refused the listed reading sets for their content and stored
-  every other one; the refused ones go to the dead letters.
+  every other one; the refused ones go to the dead letters. (A sink that buffers never raises
+  it: what it buffers is not stored yet.)
 - anything else: tried a few times, then the batch is split until the record it fails on
   stands alone, and that record is parked in the dead letters (`sink_failed`).
 """
