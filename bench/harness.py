@@ -15,8 +15,9 @@ sampled timeline.
     .venv/bin/python bench/harness.py --devices 10000 --devices-registered 10000 --no-api
     .venv/bin/python bench/harness.py --profile 20 --no-api --no-ceiling   # py-spy the app
     .venv/bin/python bench/harness.py --smoke                  # CI: small and quick
+    .venv/bin/python bench/harness.py --mode backlog --no-api  # drain 400,000 queued messages
 
-Phases, in order, each bounded in time:
+Phases of the steady mode (the default), in order, each bounded in time:
 1. S3 small-PUT ceiling (S3 archive on the harness's own SeaweedFS): PutObject of ~200 B at
    concurrency 64; the per-message archive layout cannot beat it.
 2. Ceiling: the publishers' load (same settings as phase 3) into a bare aiomqtt subscriber process
@@ -31,6 +32,26 @@ Phases, in order, each bounded in time:
    rows checks it independently.
 4. API (`--api`, on by default): device get, device list and a 1 h / 1 m telemetry query at a
    fixed concurrency for a fixed time each, then device get open-loop at a fixed offered rate.
+
+The backlog mode (`--mode backlog`) measures a restart after downtime instead: the broker holds
+everything published while the collector was away in its persistent session (clean_session
+False, a fixed client id), `--backlog` QoS 1 messages (default 400,000 from 1,000 devices; the
+same messages as above, published as fast as the broker acks them; `--rate` does not apply).
+1. Bare drain (`--ceiling`, on by default): a bare aiomqtt subscriber process creates its
+   persistent session and disconnects; the publishers publish the backlog and wait for every
+   ack; the subscriber reconnects and counts until it has all of them: its drain rate.
+2. iotmeter: the app starts once (its collector's session now exists, `/ready`), stops
+   (SIGTERM; SIGKILL after 30 s), the publishers publish the backlog, and the app starts again
+   with the same client id and spool folder. From that second start until `/api/v1/stats`
+   counts the whole backlog as stored: drain rates from process start and from the
+   collector's first message (and from the first stored, which with the segment layout grows
+   in steps: every 10 s the archive writes its segments), the ratio to the bare drain, app and
+   PostgreSQL CPU, app RSS, loss, and the stored-over-time series (`timeline`).
+   `--profile` runs py-spy on the app from (half a second after) its second start.
+3. API (`--api`): as above, on the app that drained the backlog.
+The harness's Mosquitto keeps every queued message (`max_queued_messages` 100,000,000, no byte
+limit, no persistence) and updates `$SYS` every second: the run fails when the broker's
+`$SYS/broker/publish/messages/dropped` counter grew during a backlog.
 """
 
 from __future__ import annotations
@@ -159,11 +180,19 @@ def round_or_none(value: float | None, digits: int = 1) -> float | None:
 # --- services ----------------------------------------------------------------------------------
 
 
+BENCH_MAX_QUEUED_MESSAGES = 100_000_000
+
+
+# The backlog mode's broker: `$SYS` every second instead of every ten (the harness reads the
+# dropped counter after each backlog) and, spelled out, no byte limit on a session's queue.
+BACKLOG_BROKER_CONFIG = ("max_queued_bytes 0", "sys_interval 1")
+
+
 @contextlib.contextmanager
-def running_bench_mosquitto(workdir: Path) -> Iterator[Mosquitto]:
+def running_bench_mosquitto(workdir: Path, backlog: bool = False) -> Iterator[Mosquitto]:
     """The test suite's private Mosquitto, tuned for load: 1,000 in flight, no persistence,
     and a queue the whole run's backlog fits in (the collector's persistent session must never
-    lose a message to it)."""
+    lose a message to it). With `backlog`, `$SYS` every second (`BACKLOG_BROKER_CONFIG`)."""
     if shutil.which("mosquitto") is None:
         raise HarnessError("mosquitto is not installed (apt-get install mosquitto)")
     writable_by_mosquitto(workdir)
@@ -171,8 +200,9 @@ def running_bench_mosquitto(workdir: Path) -> Iterator[Mosquitto]:
         port=free_port(),
         workdir=workdir,
         persistence=False,
-        max_queued_messages=100_000_000,
+        max_queued_messages=BENCH_MAX_QUEUED_MESSAGES,
         max_inflight_messages=1000,
+        extra_config=BACKLOG_BROKER_CONFIG if backlog else (),
     )
     try:
         broker.start()
@@ -204,12 +234,21 @@ async def open_services(args: argparse.Namespace, workdir: Path, stack: AsyncExi
     else:
         folder = workdir / "mosquitto"
         folder.mkdir()
-        broker = await asyncio.to_thread(sync.enter_context, running_bench_mosquitto(folder))
+        backlog = args.mode == "backlog"
+        broker = await asyncio.to_thread(
+            sync.enter_context, running_bench_mosquitto(folder, backlog)
+        )
         mqtt_url = broker.url
         assert broker.process is not None
         pids["broker"] = broker.process.pid
         version = command_version(["mosquitto", "-h"]) or "mosquitto"
-        describe["mqtt"] = f"{version}, own instance on {mqtt_url} (max_inflight_messages 1000)"
+        describe["mqtt"] = f"{version}, own instance on {mqtt_url} (max_inflight_messages 1000"
+        if backlog:
+            describe["mqtt"] += (
+                f", max_queued_messages {BENCH_MAX_QUEUED_MESSAGES:,}, max_queued_bytes 0, "
+                "no persistence, sys_interval 1"
+            )
+        describe["mqtt"] += ")"
 
     if args.database_url:
         database_url = args.database_url
@@ -491,6 +530,8 @@ class Sample:
     rejected: int | None = None
     spool_depth: int | None = None
     lag_by_sink: dict[str, int] | None = None
+    intake_held_s: float | None = None
+    stats_request_s: float | None = None  # how long GET /api/v1/stats took (or failed after)
 
 
 class Sampler:
@@ -532,7 +573,9 @@ class Sampler:
                 response = await self.api.get("/api/v1/stats", timeout=5)
                 body = response.json()
             except (httpx.HTTPError, ValueError):
+                sample.stats_request_s = time.time() - before
                 return sample
+            sample.stats_request_s = time.time() - before
             # The counters were read somewhere during the request: take its middle.
             sample.t = (before + time.time()) / 2
             messages = body.get("messages", {})
@@ -542,6 +585,7 @@ class Sampler:
             spool = body.get("spool") or {}
             sample.spool_depth = spool.get("depth")
             sample.lag_by_sink = spool.get("lag_by_sink")
+            sample.intake_held_s = spool.get("intake_held_s")
         return sample
 
     def cpu_series(self, group: str) -> list[tuple[float, float]]:
@@ -663,7 +707,12 @@ def app_environment(args: argparse.Namespace, services: Services, workdir: Path)
             "IOTMETER_DATABASE_URL": services.database_url,
             "IOTMETER_DATABASE_AUTO_MIGRATE": "false",
             "IOTMETER_MQTT_URL": services.mqtt_url,
-            "IOTMETER_MQTT_CLIENT_ID": f"iotmeter-bench-{uuid.uuid4().hex[:8]}",
+            # The backlog mode starts the app twice: both starts get this same id (and spool
+            # folder), so the second resumes the first one's persistent session.
+            "IOTMETER_MQTT_CLIENT_ID": (
+                f"iotmeter-bench-{'backlog-' if args.mode == 'backlog' else ''}"
+                f"{uuid.uuid4().hex[:8]}"
+            ),
             "IOTMETER_MQTT_MAX_INFLIGHT": "1000",
             "IOTMETER_SPOOL_DIR": str(workdir / "spool"),
             "IOTMETER_ARCHIVE_DIR": str(workdir / "archive"),
@@ -771,9 +820,20 @@ class App:
         return HarnessError(f"iotmeter {what}; the end of its log ({self.log}):\n{tail(self.log)}")
 
 
-async def start_app(env: dict[str, str], workdir: Path, stack: AsyncExitStack) -> App:
+async def start_app(
+    env: dict[str, str], workdir: Path, stack: AsyncExitStack, log_name: str = "iotmeter.log"
+) -> App:
+    app = await spawn_app(env, workdir, stack, log_name)
+    await wait_ready(app)
+    return app
+
+
+async def spawn_app(
+    env: dict[str, str], workdir: Path, stack: AsyncExitStack, log_name: str = "iotmeter.log"
+) -> App:
+    """`iotmeter serve` on a free port, not waiting for it; stopped when `stack` closes."""
     port = free_port()
-    log = workdir / "iotmeter.log"
+    log = workdir / log_name
     with log.open("wb") as output:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -791,17 +851,21 @@ async def start_app(env: dict[str, str], workdir: Path, stack: AsyncExitStack) -
         )
     app = App(process, port, log)
     stack.push_async_callback(stop_app, app)
-    deadline = time.monotonic() + 90
+    return app
+
+
+async def wait_ready(app: App, within: float = 90) -> None:
+    deadline = time.monotonic() + within
     async with httpx.AsyncClient(base_url=app.base_url, timeout=5) as client:
         while True:
-            if process.returncode is not None:
-                raise app.failure(f"exited with {process.returncode} while starting")
+            if app.process.returncode is not None:
+                raise app.failure(f"exited with {app.process.returncode} while starting")
             with contextlib.suppress(httpx.HTTPError):
                 response = await client.get("/ready")
                 if response.status_code == 200:
-                    return app
+                    return
             if time.monotonic() > deadline:
-                raise app.failure("was not ready (GET /ready) within 90 s")
+                raise app.failure(f"was not ready (GET /ready) within {within:.0f} s")
             await asyncio.sleep(0.2)
 
 
@@ -989,9 +1053,12 @@ class Run:
     kill_after: float
 
 
-def publisher_options(run: Run, index: int) -> list[str]:
+def publisher_options(run: Run, index: int, messages: int = 0) -> list[str]:
+    """Options of publisher `index`; with `messages`, a backlog: that many in all, as fast as
+    the broker acks them."""
     args = run.args
-    per_process = args.rate / args.publishers if args.rate else 0
+    per_process = args.rate / args.publishers if args.rate and not messages else 0
+    duration = backlog_publish_bound(args) if messages else args.duration
     return [
         "--mqtt-url",
         run.services.mqtt_url,
@@ -1002,20 +1069,22 @@ def publisher_options(run: Run, index: int) -> list[str]:
         "--devices",
         str(args.devices),
         "--duration",
-        str(args.duration),
+        str(duration),
         "--rate",
         str(per_process),
         "--ack-timeout",
         str(args.ack_timeout),
+        "--messages",
+        str(messages),
     ]
 
 
-async def start_publishers(run: Run, phase: str) -> list[Worker]:
+async def start_publishers(run: Run, phase: str, messages: int = 0) -> list[Worker]:
     publishers = [
         await Worker.start(
             f"{phase}-publisher-{index}",
             "publish",
-            publisher_options(run, index),
+            publisher_options(run, index, messages),
             run.workdir,
             run.kill_after,
         )
@@ -1052,13 +1121,19 @@ def summed_rate(
 
 
 async def drain(
-    consumed: Callable[[], Awaitable[int]], target: int, idle_s: float, timeout_s: float
+    consumed: Callable[[], Awaitable[int]],
+    target: int,
+    idle_s: float,
+    timeout_s: float,
+    activity: Callable[[], object] | None = None,
 ) -> tuple[str, float]:
     """Wait until `consumed()` reaches `target` ("complete"), stops moving for `idle_s`
     ("stalled": what is missing is lost) or `timeout_s` passes while it still moves
-    ("timeout": undecided). Returns how it ended and the seconds waited."""
+    ("timeout": undecided). Returns how it ended and the seconds waited. With `activity`, a
+    change of what it returns also counts as moving (work under way before `consumed` grows)."""
     started = time.monotonic()
     last_value = await consumed()
+    last_seen = activity() if activity else last_value
     last_change = started
     while True:
         now = time.monotonic()
@@ -1069,9 +1144,10 @@ async def drain(
         if now - started > timeout_s:
             return "timeout", now - started
         await asyncio.sleep(SAMPLE_INTERVAL_S)
-        value = await consumed()
-        if value != last_value:
-            last_value, last_change = value, time.monotonic()
+        last_value = await consumed()
+        seen = activity() if activity else last_value
+        if seen != last_seen:
+            last_seen, last_change = seen, time.monotonic()
 
 
 async def s3_put_phase(run: Run) -> dict[str, Any] | None:
@@ -1309,6 +1385,511 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
     }
 
 
+# --- backlog mode ------------------------------------------------------------------------------
+
+
+def backlog_publish_bound(args: argparse.Namespace) -> float:
+    """Seconds the publishers may take to publish the backlog (at 1,000 msg/s or more)."""
+    return 120 + args.backlog / 1000
+
+
+def per_second(count: float, start: float | None, stop: float | None) -> float | None:
+    if start is None or stop is None or stop <= start:
+        return None
+    return round(count / (stop - start), 1)
+
+
+def crossing_time(series: Sequence[tuple[float, float]], level: float) -> float | None:
+    """The first instant a sampled counter reached `level`, interpolated linearly between the
+    samples around it; None if it never did."""
+    previous: tuple[float, float] | None = None
+    for instant, value in series:
+        if value >= level:
+            if previous is None or value == previous[1]:
+                return instant
+            (t0, v0) = previous
+            return t0 + (instant - t0) * (level - v0) / (value - v0)
+        previous = (instant, value)
+    return None
+
+
+def pauses(
+    series: Sequence[tuple[float, float]], start: float, stop: float, minimum_s: float = 1.0
+) -> list[dict[str, float]]:
+    """Stretches of at least `minimum_s` between `start` and `stop` in which a sampled counter
+    did not grow (at least: from the first to the last sample showing the same value)."""
+    found = []
+    inside = [(t, v) for t, v in series if start <= t <= stop]
+    flat_from = 0
+    for index in range(1, len(inside) + 1):
+        if index < len(inside) and inside[index][1] == inside[flat_from][1]:
+            continue
+        seconds = inside[index - 1][0] - inside[flat_from][0]
+        if seconds >= minimum_s:
+            found.append(
+                {
+                    "from_s": round(inside[flat_from][0] - start, 1),
+                    "seconds": round(seconds, 1),
+                    "at": inside[flat_from][1],
+                }
+            )
+        flat_from = index
+    return found
+
+
+def mqtt_text(payload: Any) -> str:
+    if isinstance(payload, bytes | bytearray):
+        return payload.decode(errors="replace")
+    return str(payload)
+
+
+class BrokerCounters:
+    """The broker's `$SYS` counters, followed over a connection of the harness's own: messages
+    dropped (a full session queue: Mosquitto drops them without a word), messages it received
+    and messages in its store (the backlog it holds)."""
+
+    TOPICS: ClassVar[dict[str, str]] = {
+        "$SYS/broker/uptime": "uptime",
+        "$SYS/broker/publish/messages/dropped": "dropped",
+        "$SYS/broker/publish/messages/received": "received",
+        "$SYS/broker/store/messages/count": "store",
+    }
+
+    def __init__(self, mqtt_url: str) -> None:
+        self.mqtt_url = mqtt_url
+        self.series: dict[str, list[tuple[float, int]]] = {
+            name: [] for name in self.TOPICS.values()
+        }
+        self.updates: list[float] = []  # arrival of each live `uptime`: one per `$SYS` update
+        self.error: str | None = None
+        self.heard = asyncio.Event()  # set once the dropped counter came, or the client failed
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        import aiomqtt
+
+        host, port, username, password = broker_address(self.mqtt_url)
+        try:
+            async with aiomqtt.Client(
+                host,
+                port,
+                username=username,
+                password=password,
+                identifier=f"bench-sys-{uuid.uuid4().hex[:8]}",
+                keepalive=60,
+                timeout=10,
+            ) as client:
+                for topic in self.TOPICS:
+                    await client.subscribe(topic)
+                async for message in client.messages:
+                    name = self.TOPICS.get(str(message.topic))
+                    words = mqtt_text(message.payload).split()
+                    if name is None or not words or not words[0].isdigit():
+                        continue
+                    now = time.time()
+                    self.series[name].append((now, int(words[0])))
+                    if name == "uptime" and not message.retain:
+                        self.updates.append(now)
+                    elif name == "dropped":
+                        self.heard.set()
+        except aiomqtt.MqttError as exc:
+            self.error = str(exc)
+            self.heard.set()
+
+    def latest(self, name: str) -> int | None:
+        values = self.series[name]
+        return values[-1][1] if values else None
+
+    async def first_values(self, within: float = 10.0) -> None:
+        """Wait for the retained values the broker sends on subscribing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.heard.wait(), within)
+
+    async def dropped_after(self, instant: float, within: float = 30.0) -> int | None:
+        """The dropped counter as the broker saw it after `instant`: from the `$SYS` update
+        whose `uptime` arrived first after it, once the next update shows that one arrived
+        whole. None when `$SYS` told nothing within `within` s (not readable on this broker)."""
+        deadline = time.time() + within
+        while time.time() < deadline and self.error is None:
+            if sum(1 for arrived in self.updates if arrived > instant) >= 2:
+                return self.latest("dropped")
+            await asyncio.sleep(0.1)
+        return None
+
+    def first_below(self, name: str, level: float, after: float) -> float | None:
+        """When a counter was first seen at or below `level` after `after`."""
+        return next((t for t, v in self.series[name] if t > after and v <= level), None)
+
+    def timeline(self, name: str, origin: float, stop: float) -> list[tuple[float, int]]:
+        return [(round(t - origin, 2), v) for t, v in self.series[name] if origin - 1 <= t <= stop]
+
+
+def dropped_between(before: int | None, after: int | None) -> int | None:
+    return None if before is None or after is None else after - before
+
+
+async def publish_backlog(run: Run, phase: str) -> dict[str, Any]:
+    """Publish `--backlog` messages while nobody takes them, as fast as the broker acks them,
+    and wait for every ack (the broker queues them for the offline session)."""
+    args = run.args
+    publishers = await start_publishers(run, phase, messages=args.backlog)
+    go = time.time() + 0.2
+    for publisher in publishers:
+        publisher.send(f"go {go}")
+    within = backlog_publish_bound(args) + args.ack_timeout + 30
+    finals = [await publisher.wait_done(within) for publisher in publishers]
+    acked = sum(final["acked"] for final in finals)
+    acked_at = max(final["acked_at"] for final in finals)
+    return {
+        "published": sum(final["published"] for final in finals),
+        "acked": acked,
+        "seconds": round(acked_at - go, 2),
+        "msg_per_s": per_second(acked, go, acked_at),
+        "publisher_cpu_s": round(sum(final["publish_cpu_s"] for final in finals), 2),
+        "started_at": go,
+        "acked_at": acked_at,
+    }
+
+
+async def bare_drain_phase(run: Run, counters: BrokerCounters) -> dict[str, Any]:
+    """The reference: a bare aiomqtt subscriber's persistent session takes the same backlog."""
+    args = run.args
+    client_id = f"bench-backlog-bare-{uuid.uuid4().hex[:8]}"
+    options = [
+        "--mqtt-url",
+        run.services.mqtt_url,
+        "--timeout",
+        str(args.drain_timeout + 60),
+        "--client-id",
+        client_id,
+        "--persistent",
+    ]
+    session = await Worker.start(
+        "bare-session", "subscribe", [*options, "--session-only"], run.workdir, run.kill_after
+    )
+    await session.wait_done(30)
+    dropped_before = counters.latest("dropped")
+    published = await publish_backlog(run, "bare")
+    dropped_task = asyncio.create_task(counters.dropped_after(published["acked_at"]))
+    backlog = published["acked"]
+    sampler = Sampler(run.meter, None, None)
+    sampler.start()
+    before = await asyncio.to_thread(process_snapshot)
+    spawned_at = time.time()
+    subscriber = await Worker.start(
+        "bare-drain",
+        "subscribe",
+        [*options, "--expect", str(backlog), "--forget"],
+        run.workdir,
+        run.kill_after,
+    )
+    run.meter.add("subscriber", subscriber.pid)
+
+    async def received() -> int:
+        return int(subscriber.progress[-1]["received"]) if subscriber.progress else 0
+
+    drained, _ = await drain(received, backlog, args.drain_idle, args.drain_timeout)
+    subscriber.send("stop")
+    final = await subscriber.wait_done(60)
+    await sampler.stop()
+    after = await asyncio.to_thread(process_snapshot)
+    dropped = dropped_between(dropped_before, await dropped_task)
+    connect_at, first_at = final["connect_at"], final["first_message_at"]
+    done_at = final["all_received_at"]
+    end = done_at or time.time()
+    return {
+        "client_id": client_id,
+        "messages": backlog,
+        "publish": published,
+        "broker_dropped": dropped,
+        "received": final["received"],
+        "drained": drained,
+        "drain_s": round_or_none(done_at - connect_at if done_at else None, 2),
+        "msg_per_s": per_second(backlog, connect_at, done_at),
+        "msg_per_s_from_first_message": per_second(backlog, first_at, done_at),
+        "msg_per_s_from_process_start": per_second(backlog, spawned_at, done_at),
+        "connected_s": round(final["connected_at"] - spawned_at, 3),
+        "first_message_s": round_or_none(first_at - spawned_at if first_at else None, 3),
+        "loss": None if drained == "timeout" else max(0, backlog - final["received"]),
+        "duplicates": max(0, final["received"] - backlog),
+        "subscriber_loop": final.get("loop"),
+        "subscriber_cpu_percent": round_or_none(100 * final["cpu_s"] / max(end - connect_at, 1e-9)),
+        "cpu_percent": cpu_breakdown(sampler, connect_at, end),
+        "top_outside_processes": top_outside(
+            before, after, max(end - spawned_at, 1e-9), run.meter.known_pids()
+        ),
+        "timeline": [
+            {"t": round(t - spawned_at, 2), "received": int(value)}
+            for t, value in series_of(subscriber, "received")
+        ],
+        "broker_store_timeline": counters.timeline("store", spawned_at, end),
+    }
+
+
+def backlog_drain_idle(args: argparse.Namespace, env: dict[str, str]) -> float:
+    """`--drain-idle`, but longer than the segment layout's age limit: an open segment holds
+    its messages (received, not yet stored) up to that long, and stored stands still meanwhile.
+    10 s is the app's default (`IOTMETER_ARCHIVE_SEGMENT_MAX_AGE_S`)."""
+    if args.archive_layout != "segment":
+        return float(args.drain_idle)
+    return max(args.drain_idle, float(env.get("IOTMETER_ARCHIVE_SEGMENT_MAX_AGE_S", "10")) + 5)
+
+
+async def stats_messages(app: App) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+        response = await api.get("/api/v1/stats")
+    if response.status_code != 200:
+        raise app.failure(f"answered {response.status_code} to GET /api/v1/stats")
+    messages: dict[str, Any] = response.json().get("messages", {})
+    return messages
+
+
+async def backlog_app_phase(
+    run: Run, env: dict[str, str], stack: AsyncExitStack, counters: BrokerCounters
+) -> tuple[dict[str, Any], App]:
+    """The backlog into iotmeter: a first start creates its collector's persistent session,
+    the backlog is published while it is down, and the second start (same client id, same
+    spool) is timed until `/api/v1/stats` counts the whole backlog as stored. Returns the
+    result and the running app."""
+    args = run.args
+    spawned_first = time.time()
+    first = await start_app(env, run.workdir, stack, "iotmeter-first-start.log")
+    first_ready_s = time.time() - spawned_first
+    # Counters since start in the app's code as committed (0 here: nothing was published to
+    # the first start); a later version may keep them across starts.
+    first_counts = await stats_messages(first)
+    first_stop = await stop_app(first)
+    baseline = int(first_counts.get("stored") or 0)
+
+    dropped_before = counters.latest("dropped")
+    published = await publish_backlog(run, "iotmeter")
+    # Before the start (a few seconds: the backlog waits in the broker meanwhile), so that
+    # `$SYS` shows the whole backlog in the broker's store.
+    dropped = dropped_between(dropped_before, await counters.dropped_after(published["acked_at"]))
+    backlog = published["acked"]
+    target = baseline + backlog
+
+    before = await asyncio.to_thread(process_snapshot)
+    held = counters.latest("store")
+    spawned_at = time.time()
+    app = await spawn_app(env, run.workdir, stack)
+    run.meter.add("app", app.process.pid)
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+        sampler = Sampler(run.meter, app.process.pid, api)
+        sampler.start()
+        profile_task = None
+        if args.profile:
+            # From the start: the collector takes messages before the API answers (lifespan),
+            # and the drain is timed from the start. py-spy needs the interpreter running.
+            output = run.workdir / "profile-backlog.speedscope.json"
+            profile_task = asyncio.create_task(
+                profile_app(app.process.pid, args.profile, output, spawned_at + 0.5, run.meter)
+            )
+
+        async def stored() -> int:
+            if app.process.returncode is not None:
+                raise app.failure(f"exited with {app.process.returncode} during the drain")
+            for sample in reversed(sampler.samples):
+                if sample.stored is not None:
+                    return sample.stored
+            return 0
+
+        def activity() -> object:
+            # Taking messages into the spool moves too, while stored waits for a segment.
+            answered = [sample for sample in sampler.samples if sample.stored is not None]
+            if not answered:
+                return None
+            sample = answered[-1]
+            lag = tuple(sorted((sample.lag_by_sink or {}).items()))
+            return sample.stored, sample.received, sample.spool_depth, lag
+
+        idle_s = backlog_drain_idle(args, env)
+        drained, drain_s = await drain(stored, target, idle_s, args.drain_timeout, activity)
+        last = await sampler.take()
+        await sampler.stop()
+        sampler.samples.append(last)
+    after = await asyncio.to_thread(process_snapshot)
+    await wait_ready(app)  # the API phase may follow
+    profile = await profile_task if profile_task is not None else None
+
+    final_stored = last.stored if last.stored is not None else await stored()
+    if final_stored >= target:
+        drained = "complete"  # caught up in the last moments
+    stored_now = final_stored - baseline
+    series = sampler.series("stored")
+    api_up_at = next((s.t for s in sampler.samples if s.stored is not None), None)
+    first_at = crossing_time(series, baseline + 1)
+    done_at = crossing_time(series, target)
+    # Received: taken from the broker into the spool (and acked); counted since start.
+    received_series = sampler.series("received")
+    api_first_received_at = crossing_time(received_series, 1)
+    all_received_at = crossing_time(received_series, backlog)
+    # Both are upper bounds of when the collector got its first message: the API's counter
+    # as first seen (late when the app answers late), and the broker's store shrinking (its
+    # `$SYS` comes every 2 s); the earlier is the closer.
+    broker_delivered_at = (
+        None
+        if held is None
+        else counters.first_below("store", held - max(1, backlog // 100), spawned_at)
+    )
+    first_received_at = min(
+        (at for at in (api_first_received_at, broker_delivered_at) if at is not None),
+        default=None,
+    )
+    end = done_at or last.t
+    rows = None
+    if run.services.influx is None:
+        since_us = int((published["started_at"] - 5) * 1_000_000)
+        rows = await count_stored_rows(run.services.database_url, since_us)
+    rss = [sample.rss_mb for sample in sampler.samples if sample.rss_mb is not None]
+    spool = [sample.spool_depth for sample in sampler.samples if sample.spool_depth is not None]
+    # Stored grows in steps when the archive writes segments: rates between two points of its
+    # curve say something only when it grew in several sampled steps.
+    steps = sum(1 for (_, v0), (_, v1) in itertools.pairwise(series) if baseline <= v0 < v1)
+    curve = steps >= 3
+
+    def since_start(instant: float | None) -> float | None:
+        return None if instant is None else round(instant - spawned_at, 2)
+
+    result = {
+        "client_id": env["IOTMETER_MQTT_CLIENT_ID"],
+        "spool_dir": env["IOTMETER_SPOOL_DIR"],
+        "messages": backlog,
+        "publish": published,
+        "broker_dropped": dropped,
+        "first_start": {
+            "ready_s": round(first_ready_s, 2),
+            "stop": first_stop,
+            "received": first_counts.get("received"),
+            "stored": baseline,
+        },
+        "stored": stored_now,
+        "received": last.received,
+        "rejected": last.rejected,
+        "drained": drained,
+        "drain_s": round(drain_s, 1),
+        "drain_idle_s": idle_s,
+        "api_up_s": since_start(api_up_at),
+        # The API shares the event loop with the collector: a slow answer is a busy loop.
+        "stats_request_max_s": round_or_none(
+            max((s.stats_request_s or 0.0 for s in sampler.samples), default=None), 2
+        ),
+        "first_received_s": since_start(first_received_at),
+        "first_received_s_by_api": since_start(api_first_received_at),
+        "first_received_s_by_broker": since_start(broker_delivered_at),
+        "all_received_s": since_start(all_received_at),
+        "first_stored_s": since_start(first_at),
+        "all_stored_s": since_start(done_at),
+        "received_msg_per_s_from_first_received": per_second(
+            backlog, first_received_at, all_received_at
+        ),
+        "msg_per_s_from_process_start": per_second(backlog, spawned_at, done_at),
+        # From the collector's first message to the last stored: the drain without the app's
+        # start-up, as the bare subscriber's is timed from its CONNECT.
+        "msg_per_s_from_first_received": per_second(backlog, first_received_at, done_at),
+        "stored_steps": steps,
+        "msg_per_s_from_first_stored": per_second(backlog, first_at, done_at) if curve else None,
+        "msg_per_s_10_to_90_percent": per_second(
+            0.8 * backlog,
+            crossing_time(series, baseline + 0.1 * backlog),
+            crossing_time(series, baseline + 0.9 * backlog),
+        )
+        if curve
+        else None,
+        # Only a finished drain decides: after a timeout the rest may still be on its way.
+        "loss": None if drained == "timeout" else max(0, backlog - stored_now),
+        "pending_at_timeout": backlog - stored_now if drained == "timeout" else None,
+        "duplicates": max(0, stored_now - backlog),
+        "sql_rows_check": None
+        if rows is None
+        else {"bench_messages_acked": backlog, "rows": rows, "missing": backlog - rows},
+        "app_cpu_percent": round_or_none(sampler.cpu_percent("app", spawned_at, end)),
+        "app_cpu_percent_from_first_received": round_or_none(
+            sampler.cpu_percent("app", first_received_at, end) if first_received_at else None
+        ),
+        "postgres_cpu_percent": round_or_none(sampler.cpu_percent("postgres", spawned_at, end)),
+        "postgres_cpu_percent_from_first_received": round_or_none(
+            sampler.cpu_percent("postgres", first_received_at, end) if first_received_at else None
+        ),
+        "app_rss_peak_mb": round_or_none(max(rss) if rss else None),
+        "app_rss_hwm_mb": round_or_none(peak_rss_mb(app.process.pid)),
+        "app_rss_end_mb": round_or_none(rss[-1] if rss else None),
+        "spool_depth_max": max(spool) if spool else None,
+        "spool_lag_by_sink_at_end": last.lag_by_sink,
+        "intake_held_s_at_end": last.intake_held_s,
+        # Where stored stood still once messages came: the app waiting on something.
+        "stored_pauses": pauses(series, first_received_at or first_at or end, end),
+        "cpu_percent": cpu_breakdown(sampler, spawned_at, end),
+        "top_outside_processes": top_outside(
+            before, after, max(end - spawned_at, 1e-9), run.meter.known_pids()
+        ),
+        "profile": profile,
+        "first_start_log_tail": tail(first.log, 20),
+        "timeline": [
+            {
+                "t": round(sample.t - spawned_at, 2),
+                "stored": sample.stored,
+                "received": sample.received,
+                "spool_depth": sample.spool_depth,
+                "lag_by_sink": sample.lag_by_sink,
+                "intake_held_s": sample.intake_held_s,
+                "stats_request_s": round_or_none(sample.stats_request_s, 3),
+                "rss_mb": round_or_none(sample.rss_mb),
+                "app_cpu_s": round_or_none(sample.cpu.get("app"), 2),
+                "postgres_cpu_s": round_or_none(sample.cpu.get("postgres"), 2),
+            }
+            for sample in sampler.samples
+        ],
+        "broker_store_timeline": counters.timeline("store", spawned_at, last.t),
+    }
+    return result, app
+
+
+def check_dropped(summary: dict[str, Any], phase: str, counters: BrokerCounters) -> None:
+    """Fail the run when the broker dropped part of a backlog; note when it could not tell."""
+    dropped = summary[phase]["broker_dropped"]
+    if dropped is None:
+        summary.setdefault("warnings", []).append(
+            f"{phase}: the broker's $SYS/broker/publish/messages/dropped was not readable "
+            f"({counters.error or 'no $SYS update within 30 s'}): loss to its queue limit "
+            "not checked"
+        )
+    elif dropped > 0:
+        raise HarnessError(
+            f"{phase}: the broker dropped {dropped:,} messages ($SYS/broker/publish/messages/"
+            "dropped): its queue limit (max_queued_messages, max_queued_bytes) is below the "
+            "backlog"
+        )
+
+
+async def backlog_phases(
+    run: Run, env: dict[str, str], stack: AsyncExitStack, summary: dict[str, Any]
+) -> App:
+    """Bare drain, then iotmeter's drain; returns the app that drained it, still running."""
+    counters = BrokerCounters(run.services.mqtt_url)
+    counters.start()
+    stack.push_async_callback(counters.stop)
+    await counters.first_values()
+    if run.args.ceiling:
+        print("bare drain phase ...", file=sys.stderr, flush=True)
+        summary["bare_drain"] = await bare_drain_phase(run, counters)
+        check_dropped(summary, "bare_drain", counters)
+    await register_devices(run, env, summary)
+    print("iotmeter backlog phase ...", file=sys.stderr, flush=True)
+    summary["backlog"], app = await backlog_app_phase(run, env, stack, counters)
+    check_dropped(summary, "backlog", counters)
+    return app
+
+
 async def http_phase(
     run: Run,
     app: App,
@@ -1482,12 +2063,7 @@ def render_table(summary: dict[str, Any]) -> str:
     if not (summary.get("app") or {}).get("archive_layout_setting", True):
         layout += ", a setting the app ignores"
     lines = [
-        f"iotmeter bench {summary['started_at']}; app "
-        + (
-            f"at git {summary['app_ref']} (--app-ref)"
-            if summary.get("app_ref")
-            else f"from the working tree (git {summary.get('git') or '?'})"
-        ),
+        f"iotmeter bench {summary['started_at']}; app {app_origin(summary)}",
         f"  {config['devices']:,} devices, 4 readings/msg, QoS 1, {config['duration']:.0f} s "
         f"({config['warmup']:.0f} s warm-up), {config['publishers']} publisher process(es), "
         f"offered {offered}",
@@ -1566,6 +2142,17 @@ def render_table(summary: dict[str, Any]) -> str:
         )
     for entry in ingest.get("top_outside_processes") or []:
         lines.append(f"    outside: {entry['cpu_percent']:.0f} %  {entry['command'][:90]}")
+    return "\n".join(lines + render_api_and_profiles(summary))
+
+
+def app_origin(summary: dict[str, Any]) -> str:
+    if summary.get("app_ref"):
+        return f"at git {summary['app_ref']} (--app-ref)"
+    return f"from the working tree (git {summary.get('git') or '?'})"
+
+
+def render_api_and_profiles(summary: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     api = summary.get("api")
     if api:
         lines += [
@@ -1587,7 +2174,157 @@ def render_table(summary: dict[str, Any]) -> str:
             )
     for label, profile in profiles(summary):
         lines += ["", *render_profile(label, profile)]
-    return "\n".join(lines)
+    return lines
+
+
+def render_backlog_table(summary: dict[str, Any]) -> str:
+    config = summary["config"]
+    machine = summary["machine"]
+    bare = summary.get("bare_drain") or {}
+    drained = summary.get("backlog") or {}
+    first = drained.get("first_start") or {}
+    layout = config["archive_layout"]
+    if not (summary.get("app") or {}).get("archive_layout_setting", True):
+        layout += ", a setting the app ignores"
+    lines = [
+        f"iotmeter bench, backlog mode, {summary['started_at']}; app {app_origin(summary)}",
+        f"  a backlog of {config['backlog']:,} QoS 1 messages (4 readings each) from "
+        f"{config['devices']:,} devices, queued in the broker while the consumer was down; "
+        f"{config['publishers']} publisher process(es)",
+        f"  archive {config['archive']} ({layout}), time series "
+        f"{'InfluxDB' if config['influx'] else 'SQL on PostgreSQL'}; collector client id "
+        f"{summary.get('app_client_id', '-')}",
+        f"  {machine['cpus']} CPUs; load average {machine['load_average_start']} at start, "
+        f"{machine['load_average_end']} at end",
+        "",
+        row("bare aiomqtt subscriber: drain rate", fmt(bare.get("msg_per_s"), unit=" msg/s")),
+        row(
+            "bare: drain time / from process start",
+            f"{fmt(bare.get('drain_s'), '.1f', ' s')} / "
+            f"{fmt(bare.get('msg_per_s_from_process_start'), unit=' msg/s')}",
+        ),
+        row(
+            "iotmeter: drain rate from first received",
+            fmt(drained.get("msg_per_s_from_first_received"), unit=" msg/s"),
+        ),
+        row(
+            "iotmeter: drain rate from process start",
+            fmt(drained.get("msg_per_s_from_process_start"), unit=" msg/s"),
+        ),
+        row(
+            f"iotmeter: from first stored ({fmt(drained.get('stored_steps'))} sampled steps)",
+            fmt(drained.get("msg_per_s_from_first_stored"), unit=" msg/s"),
+        ),
+        row(
+            "iotmeter: 10 % to 90 % of the backlog",
+            fmt(drained.get("msg_per_s_10_to_90_percent"), unit=" msg/s"),
+        ),
+        row(
+            "ratio iotmeter / bare (from first message)",
+            fmt(summary.get("ratio_drain_to_bare"), ".1%"),
+        ),
+        row(
+            "ratio iotmeter / bare (from process start)",
+            fmt(summary.get("ratio_drain_to_bare_from_process_start"), ".1%"),
+        ),
+        row(
+            "iotmeter: intake (received), first to all",
+            fmt(drained.get("received_msg_per_s_from_first_received"), unit=" msg/s"),
+        ),
+        row(
+            "iotmeter: API up after / slowest stats answer",
+            f"{fmt(drained.get('api_up_s'), '.1f')} / "
+            f"{fmt(drained.get('stats_request_max_s'), '.1f', ' s')}",
+        ),
+        row(
+            "iotmeter: first received (API / broker $SYS)",
+            f"{fmt(drained.get('first_received_s_by_api'), '.1f')} / "
+            f"{fmt(drained.get('first_received_s_by_broker'), '.1f', ' s')}",
+        ),
+        row("iotmeter: all received after", fmt(drained.get("all_received_s"), ".1f", " s")),
+        row(
+            "iotmeter: first / all stored after",
+            f"{fmt(drained.get('first_stored_s'), '.1f')} / "
+            f"{fmt(drained.get('all_stored_s'), '.1f', ' s')}",
+        ),
+        row(
+            "publish into the broker, bare / iotmeter",
+            f"{fmt((bare.get('publish') or {}).get('msg_per_s'))} / "
+            f"{fmt((drained.get('publish') or {}).get('msg_per_s'), unit=' msg/s')}",
+        ),
+        row(
+            "broker dropped ($SYS), bare / iotmeter",
+            f"{fmt(bare.get('broker_dropped'))} / {fmt(drained.get('broker_dropped'))}",
+        ),
+        row(
+            "app CPU, process start / first received to all",
+            f"{fmt(drained.get('app_cpu_percent'))} / "
+            f"{fmt(drained.get('app_cpu_percent_from_first_received'), unit=' %')}",
+        ),
+        row(
+            "PostgreSQL CPU (whole server), same windows",
+            f"{fmt(drained.get('postgres_cpu_percent'))} / "
+            f"{fmt(drained.get('postgres_cpu_percent_from_first_received'), unit=' %')}",
+        ),
+        row(
+            "app peak RSS (sampled / kernel VmHWM)",
+            f"{fmt(drained.get('app_rss_peak_mb'))} / "
+            f"{fmt(drained.get('app_rss_hwm_mb'), unit=' MB')}",
+        ),
+        row(
+            "loss (acked - stored), bare / iotmeter",
+            f"{fmt(bare.get('loss'))} / "
+            + (
+                fmt(drained.get("loss"))
+                if drained.get("drained") != "timeout"
+                else f"undecided: {drained['pending_at_timeout']:,} pending"
+            ),
+        ),
+        row(
+            "iotmeter: acked / stored / duplicates",
+            f"{fmt(drained.get('messages'))} / {fmt(drained.get('stored'))} / "
+            f"{fmt(drained.get('duplicates'))}",
+        ),
+        row("iotmeter: drain", f"{drained.get('drained', '-')}"),
+        row(
+            "first start: ready after / stop",
+            f"{fmt(first.get('ready_s'), '.1f', ' s')} / {first.get('stop', '-')}",
+        ),
+    ]
+    rows = drained.get("sql_rows_check")
+    if rows:
+        lines.append(row("SQL check: acked messages without rows", fmt(rows["missing"])))
+    lag = drained.get("spool_lag_by_sink_at_end")
+    if lag:
+        lines.append(
+            row(
+                "spool lag by sink after the drain", ", ".join(f"{k} {v:,}" for k, v in lag.items())
+            )
+        )
+    if drained.get("intake_held_s_at_end"):
+        lines.append(
+            row("intake held (a sink lagged)", fmt(drained["intake_held_s_at_end"], ".1f", " s"))
+        )
+    stalls = drained.get("stored_pauses") or []
+    if stalls:
+        longest = max(stalls, key=lambda entry: entry["seconds"])
+        lines.append(
+            row(
+                f"stored stood still {len(stalls)}x; longest",
+                f"{longest['seconds']:.1f} s at {longest['at']:,.0f}",
+            )
+        )
+    cpu = drained.get("cpu_percent") or {}
+    shown = [
+        f"{name} {value:.0f}" for name, value in cpu.items() if value and name != "machine_capacity"
+    ]
+    if shown:
+        lines.append(
+            f"  CPU % from the second start to all stored (100 = one core): {', '.join(shown)}"
+        )
+    for entry in drained.get("top_outside_processes") or []:
+        lines.append(f"    outside: {entry['cpu_percent']:.0f} %  {entry['command'][:90]}")
+    return "\n".join(lines + render_api_and_profiles(summary))
 
 
 def profiles(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -1596,6 +2333,9 @@ def profiles(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     ingest_profile = (summary.get("iotmeter") or {}).get("profile")
     if ingest_profile:
         found.append(("ingest", ingest_profile))
+    backlog_profile = (summary.get("backlog") or {}).get("profile")
+    if backlog_profile:
+        found.append(("backlog", backlog_profile))
     for name, result in (summary.get("api") or {}).items():
         if result.get("profile"):
             found.append((f"api-{name}", result["profile"]))
@@ -1624,6 +2364,9 @@ def render_profile(label: str, profile: dict[str, Any]) -> list[str]:
 def time_budget(args: argparse.Namespace) -> float:
     """An upper bound on the whole run: the harness gives up (and cleans up) after it."""
     load = args.duration + args.ack_timeout + args.drain_timeout + 120
+    if args.mode == "backlog":
+        # Publish, wait for the acks, drain (and the app's two starts and stop).
+        load = backlog_publish_bound(args) + args.ack_timeout + args.drain_timeout + 240
     api = 4 * (args.api_duration + 90) if args.api else 0
     puts = (args.s3_put_seconds or args.s3_put_default) + 90
     return 300 + (load if args.ceiling else 0) + load + api + puts + (args.profile or 0)
@@ -1648,30 +2391,13 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
             env["PYTHONPATH"] = str(await export_app_source(args.app_ref, workdir))
             summary["app_ref"] = git_revision(args.app_ref)
         summary["app"] = await inspect_app(run, env)
+        summary["app_client_id"] = env["IOTMETER_MQTT_CLIENT_ID"]
         await migrate(env, workdir)
         summary["s3_put_ceiling"] = await s3_put_phase(run)
-        if args.ceiling:
-            print("ceiling phase: bare subscriber ...", file=sys.stderr, flush=True)
-            summary["ceiling"] = await ceiling_phase(run)
-        if args.devices_registered:
-            registration = await Worker.start(
-                "register",
-                "register",
-                [
-                    "--database-url",
-                    services.database_url,
-                    "--count",
-                    str(args.devices_registered),
-                ],
-                workdir,
-                run.kill_after,
-                env,
-            )
-            summary["registration_s"] = round((await registration.wait_done(600))["seconds"], 2)
-        app = await start_app(env, workdir, stack)
-        async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
-            print("iotmeter phase ...", file=sys.stderr, flush=True)
-            summary["iotmeter"] = await iotmeter_phase(run, app, api)
+        if args.mode == "backlog":
+            app = await backlog_phases(run, env, stack, summary)
+        else:
+            app = await steady_phases(run, env, stack, summary)
         if args.api:
             print("API phase ...", file=sys.stderr, flush=True)
             if services.influx is None:
@@ -1700,6 +2426,40 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
         summary["app_log_tail"] = tail(app.log, 20)
 
 
+async def steady_phases(
+    run: Run, env: dict[str, str], stack: AsyncExitStack, summary: dict[str, Any]
+) -> App:
+    """Ceiling, then the same load into iotmeter; returns the app, still running."""
+    if run.args.ceiling:
+        print("ceiling phase: bare subscriber ...", file=sys.stderr, flush=True)
+        summary["ceiling"] = await ceiling_phase(run)
+    await register_devices(run, env, summary)
+    app = await start_app(env, run.workdir, stack)
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+        print("iotmeter phase ...", file=sys.stderr, flush=True)
+        summary["iotmeter"] = await iotmeter_phase(run, app, api)
+    return app
+
+
+async def register_devices(run: Run, env: dict[str, str], summary: dict[str, Any]) -> None:
+    if not run.args.devices_registered:
+        return
+    registration = await Worker.start(
+        "register",
+        "register",
+        [
+            "--database-url",
+            run.services.database_url,
+            "--count",
+            str(run.args.devices_registered),
+        ],
+        run.workdir,
+        run.kill_after,
+        env,
+    )
+    summary["registration_s"] = round((await registration.wait_done(600))["seconds"], 2)
+
+
 def finish(summary: dict[str, Any]) -> None:
     stored = (summary.get("iotmeter") or {}).get("stored_msg_per_s")
     ceiling = (summary.get("ceiling") or {}).get("msg_per_s")
@@ -1708,6 +2468,19 @@ def finish(summary: dict[str, Any]) -> None:
         round(stored / ceiling, 4) if stored is not None and ceiling else None
     )
     summary["ratio_stored_to_s3_puts"] = round(stored / puts, 4) if stored and puts else None
+    if summary["config"]["mode"] == "backlog":
+        backlog = summary.get("backlog") or {}
+        bare = summary.get("bare_drain") or {}
+        for name, app_key, bare_key in (
+            ("ratio_drain_to_bare", "msg_per_s_from_first_received", "msg_per_s"),
+            (
+                "ratio_drain_to_bare_from_process_start",
+                "msg_per_s_from_process_start",
+                "msg_per_s_from_process_start",
+            ),
+        ):
+            app_rate, bare_rate = backlog.get(app_key), bare.get(bare_key)
+            summary[name] = round(app_rate / bare_rate, 4) if app_rate and bare_rate else None
     summary["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     summary["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -1719,6 +2492,20 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     load = parser.add_argument_group("load")
+    load.add_argument(
+        "--mode",
+        choices=["steady", "backlog"],
+        default="steady",
+        help="steady: a sustained load against the ceiling; backlog: drain a backlog queued "
+        "in the broker while the app was down, against a bare subscriber's drain",
+    )
+    load.add_argument(
+        "--backlog",
+        type=int,
+        default=400_000,
+        metavar="MESSAGES",
+        help="backlog mode: messages queued while the consumer is down (smoke: 5,000)",
+    )
     load.add_argument("--devices", type=int, default=1000, help="publishing devices")
     load.add_argument("--duration", type=float, default=60, help="seconds of publishing")
     load.add_argument("--warmup", type=float, help="seconds excluded from the rates (20%%, ≤10)")
@@ -1746,7 +2533,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     app = parser.add_argument_group("iotmeter")
     app.add_argument("--archive", choices=["s3", "local"], default="s3")
-    app.add_argument("--archive-layout", choices=["per-message", "segment"], default="per-message")
+    app.add_argument(
+        "--archive-layout",
+        choices=["per-message", "segment"],
+        help="default: per-message (steady mode), segment (backlog mode)",
+    )
     app.add_argument(
         "--app-env",
         action="append",
@@ -1765,7 +2556,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0,
         metavar="SECONDS",
-        help="py-spy the app for this long during the steady state",
+        help="py-spy the app for this long during the steady state (backlog mode: from the "
+        "second start)",
     )
 
     api = parser.add_argument_group("API load")
@@ -1805,8 +2597,8 @@ def build_parser() -> argparse.ArgumentParser:
     services.add_argument(
         "--s3-put-seconds",
         type=float,
-        help="S3 small-PUT ceiling phase (default 10 s on the own SeaweedFS, "
-        "off on a given endpoint)",
+        help="S3 small-PUT ceiling phase (default 10 s on the own SeaweedFS in the steady "
+        "mode; off on a given endpoint and in the backlog mode)",
     )
     services.add_argument("--s3-put-concurrency", type=int, default=64)
     services.add_argument("--influx-url")
@@ -1820,8 +2612,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--smoke",
         action="store_true",
-        help="CI: 100 devices, 5 s at 500 msg/s, 2 s per API test at concurrency 8 (explicit "
-        "options still apply)",
+        help="CI: 100 devices, 5 s at 500 msg/s, 2 s per API test at concurrency 8, a backlog "
+        "of 5,000 (explicit options still apply)",
     )
     return parser
 
@@ -1836,6 +2628,7 @@ SMOKE_DEFAULTS: dict[str, Any] = {
     "api_concurrency": 8,
     "api_rate": 100.0,
     "s3_put_default": 2.0,
+    "backlog": 5000,
 }
 
 
@@ -1846,6 +2639,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         # Smoke values replace the defaults only: options given explicitly still win.
         parser.set_defaults(**SMOKE_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.archive_layout is None:
+        args.archive_layout = "segment" if args.mode == "backlog" else "per-message"
+    if args.mode == "backlog":
+        args.s3_put_default = 0.0  # the per-message layout's ceiling: not this mode's question
+        if not 0 < args.backlog <= BENCH_MAX_QUEUED_MESSAGES:
+            raise SystemExit(f"--backlog must be between 1 and {BENCH_MAX_QUEUED_MESSAGES:,}")
     if args.warmup is None:
         args.warmup = min(10.0, args.duration * 0.2)
     if args.warmup >= args.duration:
@@ -1870,6 +2669,8 @@ async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "load_average_start": [round(x, 2) for x in os.getloadavg()],
         },
         "config": {
+            "mode": args.mode,
+            "backlog": args.backlog if args.mode == "backlog" else None,
             "devices": args.devices,
             "devices_registered": args.devices_registered,
             "duration": args.duration,
@@ -1888,8 +2689,9 @@ async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "smoke": args.smoke,
         },
     }
+    mode = "backlog-" if args.mode == "backlog" else ""
     path = args.json or RESULTS / (
-        f"{started:%Y%m%d-%H%M%S}-{args.archive_layout}-{args.archive}.json"
+        f"{started:%Y%m%d-%H%M%S}-{mode}{args.archive_layout}-{args.archive}.json"
     )
     workdir = Path(tempfile.mkdtemp(prefix="iotmeter-bench-"))
     status = 0
@@ -1912,7 +2714,9 @@ async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"work folder kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(render_table(summary))
+    print(render_backlog_table(summary) if args.mode == "backlog" else render_table(summary))
+    for warning in summary.get("warnings", []):
+        print(f"\nWARNING: {warning}", file=sys.stderr)
     if "error" in summary:
         print(f"\nERROR: {summary['error']}", file=sys.stderr)
     print(f"\nsummary: {path}")

@@ -7,6 +7,11 @@ stdout: `{"ready": true}` once connected, progress lines (`{"t": epoch_s, ...}`)
 then a final line with `"done": true`. Roles that start together wait for a line
 `go <epoch_s>` on stdin and start at that instant; the subscriber stops on a line `stop` (or when
 stdin closes). Every role is bounded in time (`--timeout`).
+
+For the harness's backlog mode the publisher also publishes a fixed number of messages
+(`--messages`, paced by the broker's acks alone) and the subscriber keeps a persistent session
+under a fixed client id (`--persistent --client-id`): one run creates it (`--session-only`), a
+later one resumes it and counts what the broker queued meanwhile (`--expect`, then `--forget`).
 """
 
 from __future__ import annotations
@@ -216,6 +221,11 @@ class RawPublisher:
         self.sock.close()
 
 
+def message_share(total: int, index: int, count: int) -> int:
+    """Publisher `index`'s share of `total` messages dealt over `count` processes."""
+    return total // count + (1 if index < total % count else 0)
+
+
 class ConsumedCounter:
     """What the consumer has taken, as the harness reports it on stdin (`consumed <total>`),
     and this process's share of it (devices are dealt evenly)."""
@@ -244,6 +254,10 @@ def run_publisher(args: argparse.Namespace) -> None:
     publish as soon as it is queued, whatever the subscriber's pace, so the harness reports what
     the consumer has taken (`consumed <total>` lines on stdin) and this process keeps at most
     `--window` of its messages ahead of its share of that.
+
+    `--messages N` publishes this process's share of N messages and stops (or at the end time,
+    whichever comes first): a backlog for a consumer that is offline, so only the broker's acks
+    pace it (at most `--window` unacknowledged).
     """
     host, port, username, password = broker_address(args.mqtt_url)
     client = RawPublisher(host, port, f"bench-pub-{args.index}-{uuid.uuid4().hex[:8]}")
@@ -264,9 +278,10 @@ def run_publisher(args: argparse.Namespace) -> None:
     first_publish = last_publish = None
     device_count = len(topics)
     prefix = f"p{args.index}-"
+    quota = message_share(args.messages, args.index, args.count) if args.messages else None
     while True:
         now = time.time()
-        if now >= end:
+        if now >= end or (quota is not None and published >= quota):
             break
         if now >= next_progress:
             emit(t=now, published=published, acked=client.acked)
@@ -279,11 +294,14 @@ def run_publisher(args: argparse.Namespace) -> None:
             burst = min(due - published, 200)
         else:
             client.read_acks(0.0)
-            ahead = published - min(client.acked, consumed.share)
+            taken = client.acked if quota is not None else min(client.acked, consumed.share)
+            ahead = published - taken
             if ahead >= args.window:
                 client.read_acks(0.002)
                 continue
             burst = min(args.window - ahead, 200)
+        if quota is not None:
+            burst = min(burst, quota - published)
         packets = []
         for _ in range(burst):
             slot = published % device_count
@@ -306,7 +324,8 @@ def run_publisher(args: argparse.Namespace) -> None:
             emit(t=time.time(), published=published, acked=client.acked)
             next_progress += PROGRESS_INTERVAL_S
         client.read_acks(0.01)
-    emit(t=time.time(), published=published, acked=client.acked)
+    acked_at = time.time()
+    emit(t=acked_at, published=published, acked=client.acked)
     client.close()
     emit(
         done=True,
@@ -314,6 +333,7 @@ def run_publisher(args: argparse.Namespace) -> None:
         acked=client.acked,
         first_publish=first_publish,
         last_publish=last_publish,
+        acked_at=acked_at,
         publish_cpu_s=publish_cpu,
         devices=device_count,
     )
@@ -341,28 +361,44 @@ async def _stdin_says_stop() -> None:
 
 
 async def run_subscriber(args: argparse.Namespace, loop_name: str) -> None:
-    """Receive QoS 1 messages and count them: nothing else, the most a Python client does."""
+    """Receive QoS 1 messages and count them: nothing else, the most a Python client does.
+
+    With `--persistent` the session (subscription and queue) outlives the connection: a
+    session kept under the same `--client-id` gets what the broker queued meanwhile right after
+    CONNACK (aiomqtt queues them until they are counted; subscribing again changes nothing)."""
     import aiomqtt
 
     host, port, username, password = broker_address(args.mqtt_url)
+    identifier = args.client_id or f"bench-ceiling-{uuid.uuid4().hex[:8]}"
     received = 0
-    started = time.time()
+    first_message_at: float | None = None
+    all_received_at: float | None = None
+    started = connect_at = time.time()
     async with aiomqtt.Client(
         host,
         port,
         username=username,
         password=password,
-        identifier=f"bench-ceiling-{uuid.uuid4().hex[:8]}",
-        clean_session=True,
+        identifier=identifier,
+        clean_session=not args.persistent,
         keepalive=60,
     ) as client:
-        await client.subscribe(TOPIC_FILTER, qos=1)
-        emit(ready=True, loop=loop_name)
+        connected_at = time.time()
+        if args.session_only:
+            await client.subscribe(TOPIC_FILTER, qos=1)
+            emit(ready=True, loop=loop_name, client_id=identifier)
+            emit(done=True, received=0, client_id=identifier, seconds=time.time() - started)
+            return
 
         async def receive() -> None:
-            nonlocal received
+            nonlocal received, first_message_at, all_received_at
             async for _message in client.messages:
                 received += 1
+                if received == 1:
+                    first_message_at = time.time()
+                if received == args.expect:
+                    all_received_at = time.time()
+                    return
 
         async def progress() -> None:
             while True:
@@ -370,7 +406,10 @@ async def run_subscriber(args: argparse.Namespace, loop_name: str) -> None:
                 emit(t=time.time(), received=received)
 
         cpu_start = cpu_seconds()
+        # Counting starts before the SUBACK: a resumed session's messages come first.
         tasks = [asyncio.create_task(receive()), asyncio.create_task(progress())]
+        await client.subscribe(TOPIC_FILTER, qos=1)
+        emit(ready=True, loop=loop_name, client_id=identifier)
         stopper = asyncio.create_task(_stdin_says_stop())
         await asyncio.wait([stopper, tasks[0]], timeout=args.timeout, return_when="FIRST_COMPLETED")
         for task in [*tasks, stopper]:
@@ -379,13 +418,30 @@ async def run_subscriber(args: argparse.Namespace, loop_name: str) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         emit(t=time.time(), received=received)
-        emit(
-            done=True,
-            received=received,
-            cpu_s=cpu_seconds() - cpu_start,
-            seconds=time.time() - started,
-            loop=loop_name,
-        )
+        cpu_s = cpu_seconds() - cpu_start
+    if args.forget:
+        # A clean session under the same id ends the persistent one: nothing queues for it.
+        async with aiomqtt.Client(
+            host,
+            port,
+            username=username,
+            password=password,
+            identifier=identifier,
+            clean_session=True,
+        ):
+            pass
+    emit(
+        done=True,
+        received=received,
+        cpu_s=cpu_s,
+        seconds=time.time() - started,
+        loop=loop_name,
+        client_id=identifier,
+        connect_at=connect_at,
+        connected_at=connected_at,
+        first_message_at=first_message_at,
+        all_received_at=all_received_at,
+    )
 
 
 # --- HTTP client -----------------------------------------------------------------------------
@@ -681,9 +737,13 @@ async def run_history(args: argparse.Namespace, _loop_name: str) -> None:
     """Register `count` history devices and give each the past `--hours` of 4-field readings
     every `--interval` seconds, written through the app's own SQL time-series store."""
     from iotmeter.db.engine import Database, build_engine
-    from iotmeter.ingest.models import ReadingSet
     from iotmeter.repositories.devices import DeviceRepository
     from iotmeter.storage.timeseries.sql import SqlTimeSeriesStore
+
+    try:
+        from iotmeter.readings import ReadingSet
+    except ImportError:  # the app's code before the move (e.g. `--app-ref` an older commit)
+        from iotmeter.ingest.models import ReadingSet  # type: ignore[no-redef]
 
     started = time.perf_counter()
     database = Database(build_engine(args.database_url))
@@ -768,10 +828,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="rate 0: most messages ahead of the consumer (the harness reports it every 0.5 s)",
     )
     publisher.add_argument("--ack-timeout", type=float, default=60)
+    publisher.add_argument(
+        "--messages",
+        type=int,
+        default=0,
+        help="publish this many in all (over --count processes), paced by acks only; 0: "
+        "until --duration ends",
+    )
 
     subscriber = roles.add_parser("subscribe")
     subscriber.add_argument("--mqtt-url", required=True)
     subscriber.add_argument("--timeout", type=float, default=600)
+    subscriber.add_argument("--client-id", help="default: a random one")
+    subscriber.add_argument(
+        "--persistent", action="store_true", help="clean_session=False: the session stays"
+    )
+    subscriber.add_argument(
+        "--session-only", action="store_true", help="subscribe, then disconnect at once"
+    )
+    subscriber.add_argument(
+        "--expect", type=int, default=0, help="stop once this many messages came"
+    )
+    subscriber.add_argument(
+        "--forget", action="store_true", help="end the persistent session when done"
+    )
 
     http = roles.add_parser("http")
     http.add_argument("--base-url", required=True)

@@ -82,3 +82,43 @@ def test_harness_smoke_run_measures_everything_and_loses_nothing(tmp_path: Path)
     # The table the harness prints names every figure.
     for label in ("ceiling", "stored", "ratio", "p50 / p99", "CPU", "RSS", "loss", "device_get"):
         assert label in result.stdout, label
+
+
+def test_harness_backlog_smoke_run_drains_everything(tmp_path: Path) -> None:
+    """The backlog mode: the app's session holds a backlog published while it was down; the
+    harness times the app's drain against a bare subscriber's drain of the same backlog."""
+    summary_path = tmp_path / "backlog.json"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("IOTMETER_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(HARNESS),
+            "--mode",
+            "backlog",
+            "--smoke",
+            "--no-api",
+            "--json",
+            str(summary_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    summary = json.loads(summary_path.read_text())
+    assert "error" not in summary
+    bare = summary["bare_drain"]
+    backlog = summary["backlog"]
+    assert bare["msg_per_s"] > 0
+    assert backlog["messages"] == 5000
+    assert backlog["broker_dropped"] == 0
+    assert backlog["stored"] == backlog["received"] == 5000
+    assert backlog["loss"] == 0
+    assert backlog["sql_rows_check"]["missing"] == 0
+    assert backlog["msg_per_s_from_first_received"] > 0
+    assert backlog["app_rss_peak_mb"] > 0
+    assert summary["ratio_drain_to_bare"] > 0
+    assert "Traceback" not in summary["app_log_tail"]
