@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # Small PUTs are latency-bound: SeaweedFS and MinIO reach their rate at 32-64 in flight.
 DEFAULT_CONCURRENCY = 64
+STARTUP_CHECK_S = 5.0
+"""How long start-up waits for the bucket check before going on without it."""
 _LIST_PAGE_MAX = 1000  # S3 never returns more keys per ListObjectsV2 call.
 _VENDOR_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutError)
 _MISSING_BUCKET = frozenset({"404", "NoSuchBucket", "NotFound"})
@@ -258,9 +260,20 @@ class S3ArchiveStore:
                 signed_put=signed_put,
             )
             try:
-                await store._ensure_bucket()
+                # Bounded: an endpoint that accepts and never answers must not hold start-up
+                # (and a Ctrl-C) for the whole read timeout.
+                async with asyncio.timeout(STARTUP_CHECK_S):
+                    await store._ensure_bucket()
             except BackendUnavailable as exc:
                 logger.warning("%s; the archive retries on first use", exc.message)
+            except TimeoutError:
+                logger.warning(
+                    "S3 archive at %s (bucket %s): no answer within %.0f s at start-up; "
+                    "the archive retries on first use",
+                    store.endpoint_url,
+                    bucket,
+                    STARTUP_CHECK_S,
+                )
             yield store
 
     def _unavailable(self, operation: str, exc: BaseException) -> BackendUnavailable:
