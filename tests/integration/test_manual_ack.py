@@ -1,8 +1,8 @@
 """The acknowledgement iotmeter's delivery guarantee rests on, pinned against Mosquitto.
 
-A QoS 1 message may be acknowledged (PUBACK) only once the spool has it on disk. The intake
-drives paho through its external-loop API with manual acknowledgement; if a paho release
-started acking by itself, or the intake acked before the spool's commit, one of these fails.
+A QoS 1 message may be acknowledged (PUBACK) only once the spool has it on disk. The intake's
+MQTT session acknowledges only when told to; if it acked by itself, or the intake acked before
+the spool's commit, one of these fails.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.ingest.intake import Intake
-from iotmeter.ingest.mqtt_session import PahoSession
+from iotmeter.ingest.mqtt_session import MqttSession
 from iotmeter.ingest.spool import Spool
 from iotmeter.ingest.stats import IngestStats
 from tests.conftest import make_settings
@@ -58,14 +58,14 @@ class Publisher:
 async def receive(broker: Mosquitto, client_id: str, within: float, *, ack: bool) -> list[bytes]:
     """Connect with a persistent session, collect what comes for `within` s, ack if asked."""
     got: list[bytes] = []
-    holder: list[PahoSession] = []
+    holder: list[MqttSession] = []
 
-    def on_message(message: mqtt.MQTTMessage) -> None:
-        got.append(message.payload)
+    def on_message(_topic: str, payload: bytes, qos: int, packet_id: int, _retained: bool) -> None:
+        got.append(payload)
         if ack:
-            holder[0].ack(message.mid)
+            holder[0].ack(packet_id, qos)
 
-    session = PahoSession(address(broker), client_id, on_message)
+    session = MqttSession(address(broker), client_id, on_message)
     holder.append(session)
     await session.connect()
     await session.subscribe(TOPIC, 1)

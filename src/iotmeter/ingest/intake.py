@@ -23,18 +23,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-import paho.mqtt.client as paho
-
 from iotmeter.config import Settings, env_name
 from iotmeter.errors import BackendUnavailable
 from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.ingest.decode import device_id_from_topic
-from iotmeter.ingest.mqtt_session import PahoSession, SessionClosed
+from iotmeter.ingest.mqtt_session import MqttSession, SessionClosed
 from iotmeter.ingest.spool import Spool
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.retry import Backoff, describe
@@ -50,7 +49,6 @@ TAKEOVER_STREAK = 3
 """Connections in a row closed by the broker within `STABLE_AFTER_S` of subscribing: another
 client is taking the session (same client id)."""
 MAX_HOLD_S = 1.0
-INVALID_TOPIC = "\ufffd(topic is not UTF-8)"
 
 _Pending = tuple[str, bytes, int, int, bool]
 """A message kept for want of room: topic, payload, qos, mid, retained."""
@@ -92,9 +90,9 @@ class Intake:
         self.held_s = 0.0
         self.retained_ignored = 0
         self.oversized = 0
-        self._session: PahoSession | None = None
+        self._session: MqttSession | None = None
         self._generation = 0
-        self._unacked: list[tuple[int, int]] = []
+        self._unacked: list[tuple[int, int, int]] = []
         self._waiting: deque[_Pending] = deque()
         self._work = asyncio.Event()
         self._committed = asyncio.Event()
@@ -102,6 +100,9 @@ class Intake:
         # Whether to hold is asked every so many messages: often enough for the bound to hold
         # with small batches, rarely enough to cost nothing per message with large ones.
         self._check_every = max(1, min(64, settings.batch_max_messages))
+        self._waiting_limit = 2 * settings.mqtt_max_inflight
+        self._pauses: set[str] = set()
+        """Why the socket is not read now: `hold` (a sink lags), `room` (too much waits)."""
         self._hold_limit = 4 * settings.batch_max_messages
         self._resume_limit = 2 * settings.batch_max_messages
         self._helpers: set[asyncio.Task[None]] = set()
@@ -143,9 +144,10 @@ class Intake:
         backoff = Backoff(f"MQTT connection to the {self.broker.describe()}", log=logger)
         short_lived = 0
         while True:
-            session = PahoSession(self.broker, self.client_id, self._on_message)
+            session = MqttSession(self.broker, self.client_id, self._on_message)
             self._generation += 1
             self._session = session
+            self._pauses.clear()
             subscribed_at: float | None = None
             try:
                 await session.connect()
@@ -181,24 +183,24 @@ class Intake:
                     )
             await backoff.wait(error)
 
-    def _on_message(self, message: paho.MQTTMessage) -> None:
-        """paho's on_message, on the event loop."""
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:  # brokers refuse such topics; the decoder refuses this one
-            topic = INVALID_TOPIC
-        payload = message.payload
-        if not isinstance(payload, bytes):
-            payload = bytes(payload)
-        pending = (topic, payload, message.qos, message.mid, bool(message.retain))
+    def _on_message(
+        self, topic: str, payload: bytes, qos: int, packet_id: int, retained: bool
+    ) -> None:
+        """Each PUBLISH the broker sends, on the event loop."""
+        # One string per topic, shared by every record of the device (a backlog keeps tens
+        # of thousands of records in memory).
+        pending = (sys.intern(topic), payload, qos, packet_id, retained)
         self._since_check += 1
         if self._since_check >= self._check_every:
             self._since_check = 0
             self._maybe_hold()
         if self._waiting or not self._has_room():
-            # Kept (unacked, in order) until there is room; the broker's in-flight window
-            # bounds how many. Reading goes on, so keepalive answers are still seen.
+            # Kept (unacked, in order) until there is room. The broker's in-flight window
+            # should bound how many, but Mosquitto 2.0 was seen sending a whole 150,000
+            # message backlog at once: past a bound the socket is not read until they are in.
             self._waiting.append(pending)
+            if len(self._waiting) >= self._waiting_limit:
+                self._pause("room")
             if self._admitting is None or self._admitting.done():
                 self._admitting = self._spawn(self._admit_waiting(), "intake-admit")
             return
@@ -222,7 +224,7 @@ class Intake:
             self.stats.message_received(device_id_from_topic(topic))
         if qos > 0:
             # Acked with the others, in order, after the next commit.
-            self._unacked.append((self._generation, mid))
+            self._unacked.append((self._generation, mid, qos))
         self._work.set()
 
     async def _commit_loop(self) -> None:
@@ -246,26 +248,36 @@ class Intake:
             self.spool_error = None
             session = self._session
             if session is not None and session.connected:
-                for generation, mid in acks:
+                for generation, mid, qos in acks:
                     # A message from an earlier connection is redelivered by the broker instead.
                     if generation == self._generation:
-                        session.ack(mid)
+                        session.ack(mid, qos)
             self._committed.set()
 
     # --- flow control -------------------------------------------------------------------------
 
+    def _pause(self, reason: str) -> None:
+        """Stop reading the broker's socket for `reason` (until every reason is gone)."""
+        self._pauses.add(reason)
+        if self._session is not None:
+            self._session.pause_reading()
+
+    def _resume(self, reason: str) -> None:
+        self._pauses.discard(reason)
+        if not self._pauses and self._session is not None:
+            self._session.resume_reading()
+
     def _maybe_hold(self) -> None:
-        session = self._session
-        if session is None or (self._hold is not None and not self._hold.done()):
+        if self._session is None or (self._hold is not None and not self._hold.done()):
             return
         if self.flow.behind(self._head(), self._hold_limit):
-            session.pause_reading()
-            self._hold = self._spawn(self._hold_intake(session), "intake-hold")
+            self._pause("hold")
+            self._hold = self._spawn(self._hold_intake(), "intake-hold")
 
     def _head(self) -> int:
         return self.spool.committed_seq + self.spool.pending
 
-    async def _hold_intake(self, session: PahoSession) -> None:
+    async def _hold_intake(self) -> None:
         """Stop reading while a working sink lags; at most a second at a time (keepalive
         answers must still be read). The broker keeps what waits."""
         started = time.monotonic()
@@ -277,7 +289,7 @@ class Intake:
         except TimeoutError:
             pass
         finally:
-            session.resume_reading()
+            self._resume("hold")
             self.held_s += time.monotonic() - started
 
     def _has_room(self) -> bool:
@@ -295,6 +307,9 @@ class Intake:
                 await self._wait_for_room()
                 continue
             self._admit(*self._waiting.popleft())
+            if len(self._waiting) <= self._waiting_limit // 2:
+                self._resume("room")
+        self._resume("room")
 
     async def _wait_for_room(self) -> None:
         while self.spool.full:
