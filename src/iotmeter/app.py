@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -94,8 +95,17 @@ async def open_state(
             archive.backend,
             broker.describe() if broker else "off",
         )
+        _settle_the_heap()
         yield state
         logger.info("iotmeter stopping")
+
+
+def _settle_the_heap() -> None:
+    """Move what start-up made (the libraries' modules, tables and clients: most of the heap)
+    out of the garbage collector's sight. Every full collection walks every tracked object;
+    with them frozen it walks only what ingestion keeps alive."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(

@@ -116,9 +116,15 @@ class Settings(BaseSettings):
         8 << 20, ge=1 << 12, description="Segment layout: largest segment of one device."
     )
     archive_segment_buffer_bytes: int = Field(
-        64 << 20,
+        24 << 20,
         ge=1 << 20,
         description="Segment layout: write every open segment once they hold this much.",
+    )
+    archive_segment_quiet_s: float = Field(
+        2.0,
+        ge=0,
+        description="Segment layout: also write the open segments once no message came for "
+        "this long (after a burst, or a backlog drained); 0: only by age and size.",
     )
     archive_segment_gzip: bool = Field(
         False, description="Segment layout: gzip segments (`.ndjson.gz`)."
@@ -172,7 +178,7 @@ class Settings(BaseSettings):
         32 << 20, ge=1 << 16, description="Size at which a spool segment file is rolled."
     )
     spool_memory_bytes: int = Field(
-        16 << 20,
+        8 << 20,
         ge=1 << 20,
         description="Recent spool records kept in memory, so sinks near the head never read disk.",
     )

@@ -131,7 +131,8 @@ class ReadingSet:
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """What one message turned into: accepted reading sets and refused parts."""
+    """What one message turned into: accepted reading sets and refused parts (tuples: most
+    messages are one reading set and no rejection, and a backlog keeps many of them alive)."""
 
-    readings: list[ReadingSet]
-    rejections: list[Rejection]
+    readings: tuple[ReadingSet, ...]
+    rejections: tuple[Rejection, ...] = ()

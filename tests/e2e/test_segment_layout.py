@@ -102,7 +102,13 @@ async def test_segments_hold_every_message_once_and_read_back_like_messages(
 async def test_unwritten_segments_are_rebuilt_from_the_spool_after_a_stop(
     empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    slow = segment_settings(empty_pg_url, tmp_path, mosquitto, archive_segment_max_age_s=3600)
+    slow = segment_settings(
+        empty_pg_url,
+        tmp_path,
+        mosquitto,
+        archive_segment_max_age_s=3600,
+        archive_segment_quiet_s=0,
+    )
     async with start_app(slow) as api:
         publish(mosquitto.port, messages("seg-3", 60))
         stats = await eventually(
@@ -161,6 +167,7 @@ async def test_an_epoch_cut_short_by_a_crash_is_rebuilt_into_the_same_segments(
         client_id="iotmeter-segment-crash",
         IOTMETER_ARCHIVE_LAYOUT="segment",
         IOTMETER_ARCHIVE_SEGMENT_MAX_AGE_S="2",
+        IOTMETER_ARCHIVE_SEGMENT_QUIET_S="0",
         IOTMETER_BATCH_MAX_DELAY_S="0.05",
     )
     archive = workdir / "archive"

@@ -59,6 +59,7 @@ def build(kind: str, database: Database, tmp_path: Path) -> Sink:
         stats,
         intent_path=tmp_path / "archive-epoch",
         max_age_s=0.2,
+        quiet_s=0.0,
         buffer_bytes=1 << 20,
         segment_max_bytes=1 << 20,
         gzip=False,

@@ -36,14 +36,14 @@ def decode(
 
 def accepted(document: Any, **kwargs: Any) -> ReadingSet:
     decoded = decode(document, **kwargs)
-    assert decoded.rejections == []
+    assert decoded.rejections == ()
     [reading] = decoded.readings
     return reading
 
 
 def refused(document: Any, **kwargs: Any) -> Rejection:
     decoded = decode(document, **kwargs)
-    assert decoded.readings == []
+    assert decoded.readings == ()
     [rejection] = decoded.rejections
     return rejection
 

@@ -142,7 +142,7 @@ def test_valid_readings_are_accepted_and_round_trip(
         document["seq"] = seq
     payload = orjson.dumps(document)
     decoded = decode_message(payload, TOPIC, NOW_US)
-    assert decoded.rejections == []
+    assert decoded.rejections == ()
     [reading] = decoded.readings
     assert reading.values == {
         name: value if type(value) is bool else float(value) for name, value in values.items()

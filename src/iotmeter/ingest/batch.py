@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -16,8 +17,8 @@ class Message:
     """One spool record after decoding."""
 
     seq: int
-    readings: list[ReadingSet]
-    rejections: list[Rejection]
+    readings: Sequence[ReadingSet]
+    rejections: Sequence[Rejection]
 
     @property
     def units(self) -> int:
@@ -76,8 +77,8 @@ class Batch:
 
 
 def _part(seq: int, items: list[ReadingSet | Rejection]) -> Batch:
-    readings = [item for item in items if isinstance(item, ReadingSet)]
-    rejections = [item for item in items if isinstance(item, Rejection)]
+    readings = tuple(item for item in items if isinstance(item, ReadingSet))
+    rejections = tuple(item for item in items if isinstance(item, Rejection))
     return Batch([Message(seq, readings, rejections)])
 
 

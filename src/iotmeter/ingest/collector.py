@@ -61,6 +61,7 @@ def build_sinks(
             stats,
             intent_path=settings.spool_dir / "archive-epoch",
             max_age_s=settings.archive_segment_max_age_s,
+            quiet_s=settings.archive_segment_quiet_s,
             buffer_bytes=settings.archive_segment_buffer_bytes,
             segment_max_bytes=settings.archive_segment_max_bytes,
             gzip=settings.archive_segment_gzip,

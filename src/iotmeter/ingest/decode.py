@@ -89,7 +89,8 @@ _FIELD_NAME_RULE = (
 # ones so the hot path is a set look-up, not a regular expression. Bounded, so a sender making
 # up names cannot grow it without limit; past the bound names are simply checked every time.
 _MEMO_CAPACITY = 8192
-_valid_device_ids: set[str] = set()
+_valid_device_ids: dict[str, str] = {}
+"""Each valid device id seen, to itself: every reading of a device shares one string."""
 _valid_field_names: set[str] = set()
 
 
@@ -112,11 +113,14 @@ def device_id_from_topic(topic: str) -> str | None:
     if not (topic.startswith(_TOPIC_PREFIX) and topic.endswith(_TOPIC_SUFFIX)):
         return None
     device_id = topic[len(_TOPIC_PREFIX) : -len(_TOPIC_SUFFIX)]
-    if device_id in _valid_device_ids or _remember_if_valid(
-        device_id, DEVICE_ID_RE, _valid_device_ids
-    ):
-        return device_id
-    return None
+    known = _valid_device_ids.get(device_id)
+    if known is not None:
+        return known
+    if DEVICE_ID_RE.fullmatch(device_id) is None:
+        return None
+    if len(_valid_device_ids) < _MEMO_CAPACITY:
+        _valid_device_ids[device_id] = device_id
+    return device_id
 
 
 def decode_message(
@@ -147,7 +151,7 @@ def decode_message(
         )
     if decoded.rejections:
         stamped = [replace(r, received_at_us=received_at_us) for r in decoded.rejections]
-        return Decoded(decoded.readings, stamped)
+        return Decoded(decoded.readings, tuple(stamped))
     return decoded
 
 
@@ -158,8 +162,8 @@ def refuse_oversized(
     hash (the intake kept only those)."""
     device_id = device_id_from_topic(topic)
     return Decoded(
-        [],
-        [
+        (),
+        (
             Rejection(
                 RejectReason.TOO_LARGE,
                 f"payload is {size} bytes; the limit is {limit}: split it into smaller batches "
@@ -170,8 +174,8 @@ def refuse_oversized(
                 received_at_us=received_at_us,
                 payload_size=size,
                 payload_sha256=sha256.hex(),
-            )
-        ],
+            ),
+        ),
     )
 
 
@@ -234,7 +238,7 @@ def _decode_document(
             document, device_id, topic, received_at_us, payload, None, limits
         )
         if isinstance(result, ReadingSet):
-            return Decoded([result], [])
+            return Decoded((result,))
         return _refuse_message(*result, topic, payload, device_id)
 
     if type(document) is list and any(type(element) is dict for element in document):
@@ -291,7 +295,7 @@ def _decode_batch(
                 continue
             refusal = result
         rejections.append(Rejection(*refusal, topic, raw, device_id, index))
-    return Decoded(readings, rejections)
+    return Decoded(tuple(readings), tuple(rejections))
 
 
 def _element_refused(element: Any, index: int, several: bool) -> Refusal | None:
@@ -644,7 +648,7 @@ def _deeper_than(document: object, max_depth: int) -> bool:
 def _refuse_message(
     reason: RejectReason, detail: str, topic: str, payload: bytes, device_id: str | None
 ) -> Decoded:
-    return Decoded([], [Rejection(reason, detail, topic, payload, device_id)])
+    return Decoded((), (Rejection(reason, detail, topic, payload, device_id),))
 
 
 _KINDS: dict[type, str] = {

@@ -42,7 +42,7 @@ def readings_of(body: bytes, limits: DecodeLimits) -> tuple[list[ReadingSet], in
     decoded = decode_message(
         payload, document["topic"], _epoch_us_of(document["received_at"]), limits
     )
-    return decoded.readings, len(decoded.rejections)
+    return list(decoded.readings), len(decoded.rejections)
 
 
 async def replay_device(
