@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         8 << 20, ge=1 << 12, description="Segment layout: largest segment of one device."
     )
     archive_segment_buffer_bytes: int = Field(
-        24 << 20,
+        16 << 20,
         ge=1 << 20,
         description="Segment layout: write every open segment once they hold this much.",
     )

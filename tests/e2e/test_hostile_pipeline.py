@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from tests.e2e.test_ingest_e2e import publish
 from tests.fixtures.delivery import AppProcess, app_environment
 from tests.fixtures.hostile import as_payload, json_texts, timed_batches, topic_levels
 from tests.fixtures.s3 import s3_settings
@@ -91,20 +91,6 @@ async def pipeline(
             await drop_pg_database(database_url)
 
 
-def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="hostile-device")
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(10)
-            assert info.is_published()
-    finally:
-        client.loop_stop()
-        client.disconnect()
-
-
 async def received(pipeline: Pipeline) -> int:
     count: int = (await pipeline.api.get("/api/v1/stats")).json()["messages"]["received"]
     return count
@@ -158,7 +144,7 @@ async def test_arbitrary_messages_never_stop_the_pipeline(
     pipeline: Pipeline, round_: list[tuple[str, bytes]]
 ) -> None:
     before = await received(pipeline)
-    await asyncio.to_thread(publish_all, pipeline.broker.port, round_)
+    await asyncio.to_thread(publish, pipeline.broker.port, round_)
     await drained(pipeline, before + len(round_))
 
 
@@ -167,7 +153,7 @@ async def test_after_the_hostile_rounds_good_data_still_flows_and_nothing_was_an
 ) -> None:
     good = [("iot/after-1/telemetry", b'{"metrics": {"t": 21.5}}')]
     before = await received(pipeline)
-    await asyncio.to_thread(publish_all, pipeline.broker.port, good)
+    await asyncio.to_thread(publish, pipeline.broker.port, good)
     stats = await drained(pipeline, before + 1)
     latest = await pipeline.api.get("/api/v1/devices/after-1/latest")
     assert latest.status_code == 200

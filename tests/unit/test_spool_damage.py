@@ -15,6 +15,7 @@ import pytest
 from iotmeter.ingest import spool_files as spool_module
 from iotmeter.ingest.spool import Spool, SpoolInUse, SpoolRecord
 from iotmeter.ingest.spool_records import FILE_HEADER, encode_record
+from tests.unit.test_spool import read_all
 
 SINKS = ["registry", "timeseries", "archive"]
 
@@ -32,17 +33,6 @@ async def fill(spool: Spool, count: int, start: int = 0, size: int = 40) -> None
         if index % 100 == 99:
             await spool.commit()
     await spool.commit()
-
-
-async def read_all(spool: Spool, after: int = -1) -> list[SpoolRecord]:
-    records: list[SpoolRecord] = []
-    while True:
-        chunks = await spool.read(after, 1000)
-        if not chunks:
-            return records
-        for chunk in chunks:
-            records.extend(chunk.records)
-        after = records[-1].seq
 
 
 def segments(folder: Path) -> list[Path]:
@@ -74,7 +64,7 @@ async def test_a_flipped_byte_mid_segment_loses_only_that_record(tmp_path: Path)
     (segment,) = segments(tmp_path)
     flip(segment, offset_of(segment, 150) + 40)  # inside the body of record 150
     reopened = open_spool(tmp_path)
-    seqs = [record.seq for record in await read_all(reopened)]
+    seqs = [record.seq for record in await read_all(reopened, -1)]
     assert seqs == [*range(150), *range(151, 300)]
     assert reopened.committed_seq == 299
     assert reopened.quarantine.records_lost == 1
@@ -95,7 +85,7 @@ async def test_a_flipped_length_is_caught_by_the_header_checksum(tmp_path: Path)
     (segment,) = segments(tmp_path)
     flip(segment, offset_of(segment, 20) + 6)  # the length field's third byte: a huge length
     reopened = open_spool(tmp_path)
-    assert [r.seq for r in await read_all(reopened)] == [*range(20), *range(21, 50)]
+    assert [r.seq for r in await read_all(reopened, -1)] == [*range(20), *range(21, 50)]
     assert reopened.damage_report() is not None
 
 
@@ -112,7 +102,7 @@ async def test_a_damaged_first_record_of_an_older_segment_keeps_the_segment(
     flip(older, len(FILE_HEADER) + 30)
     reopened = open_spool(tmp_path, segment_bytes=1 << 14)
     assert older.exists(), "a damaged segment must never be deleted at open"
-    seqs = [record.seq for record in await read_all(reopened)]
+    seqs = [record.seq for record in await read_all(reopened, -1)]
     assert seqs == [seq for seq in range(1000) if seq != first]
     assert reopened.quarantine.records_lost == 1
     assert reopened.damage_report() is not None
@@ -128,7 +118,7 @@ async def test_damage_in_the_last_committed_record_is_reported_not_cut_silently(
     size = segment.stat().st_size
     flip(segment, size - 5)  # the last record is whole, but its body changed
     reopened = open_spool(tmp_path)
-    assert [r.seq for r in await read_all(reopened)] == list(range(29))
+    assert [r.seq for r in await read_all(reopened, -1)] == list(range(29))
     assert reopened.damage_report() is not None
     assert len(list((tmp_path / "quarantine").glob("*.bin"))) == 1
 
@@ -144,12 +134,12 @@ async def test_a_torn_tail_is_cut_quietly(tmp_path: Path, cut: str) -> None:
     with segment.open("ab") as handle:
         handle.write(tail)
     reopened = open_spool(tmp_path)
-    assert [r.seq for r in await read_all(reopened)] == list(range(10))
+    assert [r.seq for r in await read_all(reopened, -1)] == list(range(10))
     assert reopened.damage_report() is None
     await fill(reopened, 2, start=10)
     reopened.close()
     again = open_spool(tmp_path)
-    assert [r.seq for r in await read_all(again)] == list(range(12))
+    assert [r.seq for r in await read_all(again, -1)] == list(range(12))
 
 
 async def test_a_damaged_cursor_replays_that_sink_from_the_start(tmp_path: Path) -> None:
@@ -185,7 +175,7 @@ async def test_records_larger_than_any_read_block_are_read_whole(tmp_path: Path)
     await fill(spool, 5, start=6)
     spool.close()
     reopened = open_spool(tmp_path, memory_bytes=1 << 20)
-    records = await read_all(reopened)
+    records = await read_all(reopened, -1)
     assert [record.seq for record in records] == list(range(11))
     assert records[5].payload == big
 
@@ -200,7 +190,7 @@ async def test_a_segment_of_the_first_format_is_still_read(tmp_path: Path) -> No
     (tmp_path / f"{0:020d}.log").write_bytes(b"".join(legacy_record(n, b"{}") for n in range(5)))
     spool = open_spool(tmp_path)
     await fill(spool, 3, start=5)
-    records = await read_all(spool)
+    records = await read_all(spool, -1)
     assert [record.seq for record in records] == list(range(8))
     assert records[0].topic == "iot/old/telemetry"
     assert len(segments(tmp_path)) == 2  # new records go to a segment of the new format
@@ -254,5 +244,5 @@ async def test_a_failed_write_leaves_no_half_group_behind(
     monkeypatch.undo()
     spool.close()
     reopened = open_spool(tmp_path)
-    assert [r.seq for r in await read_all(reopened)] == list(range(20))
+    assert [r.seq for r in await read_all(reopened, -1)] == list(range(20))
     assert reopened.damage_report() is None

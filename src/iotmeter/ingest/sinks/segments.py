@@ -16,7 +16,7 @@ import os
 import time
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from iotmeter.ingest.batch import Batch
@@ -74,21 +74,20 @@ class _Epoch:
             self.size += len(line)
         self.count += len(fresh)
 
-    def segments(self, max_bytes: int, compress: bool) -> list[tuple[str, bytes]]:
-        """Every device's segments (split at `max_bytes`), as (key, body)."""
-        objects = []
+    def segments(self, max_bytes: int, compress: bool) -> Iterator[tuple[str, bytes]]:
+        """Every device's segments (split at `max_bytes`), as (key, body), made as they are
+        asked for: an upload in flight holds its body, not the whole epoch's bodies at once."""
         for device_id, lines in self.lines.items():
             times = self.times[device_id]
             part: list[tuple[int, bytes]] = []
             size = 0
             for epoch_us, line in zip(times, lines, strict=True):
                 if part and size + len(line) > max_bytes:
-                    objects.append(build_segment(device_id, part, compress=compress))
+                    yield build_segment(device_id, part, compress=compress)
                     part, size = [], 0
                 part.append((epoch_us, line))
                 size += len(line)
-            objects.append(build_segment(device_id, part, compress=compress))
-        return objects
+            yield build_segment(device_id, part, compress=compress)
 
 
 def _identity_digest(reading: ReadingSet) -> bytes:

@@ -252,7 +252,7 @@ class LocalArchiveStore:
 
     # --- objects of the segment layout --------------------------------------------------------
 
-    async def put_objects(self, objects: Sequence[tuple[str, bytes]]) -> None:
+    async def put_objects(self, objects: Iterable[tuple[str, bytes]]) -> None:
         """Write whole objects (segment files) atomically; a repeated key overwrites."""
         documents = [(*checked_object_key(key), body) for key, body in objects]
         try:

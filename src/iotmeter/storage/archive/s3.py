@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import itertools
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -334,17 +335,24 @@ class S3ArchiveStore:
             documents.append((key, encode_archive_document(reading)))
         await self._put_all(documents, "application/json")
 
-    async def put_objects(self, objects: Sequence[tuple[str, bytes]]) -> None:
-        """Write whole objects (segments of the segment layout); a repeated key overwrites."""
-        for key, _body in objects:
-            checked_object_key(key)
-        await self._put_all(list(objects), "application/x-ndjson")
+    async def put_objects(self, objects: Iterable[tuple[str, bytes]]) -> None:
+        """Write whole objects (segments of the segment layout); a repeated key overwrites.
+        Taken from `objects` as the uploads go: a generator keeps only those in flight."""
 
-    async def _put_all(self, documents: list[tuple[str, bytes]], content_type: str) -> None:
-        if not documents:
+        def checked() -> Iterator[tuple[str, bytes]]:
+            for key, body in objects:
+                checked_object_key(key)
+                yield key, body
+
+        await self._put_all(checked(), "application/x-ndjson")
+
+    async def _put_all(self, documents: Iterable[tuple[str, bytes]], content_type: str) -> None:
+        pending = iter(documents)
+        first = next(pending, None)
+        if first is None:
             return
         await self._ensure_bucket()
-        pending = iter(documents)
+        pending = itertools.chain([first], pending)
 
         async def upload() -> None:
             # Workers share one iterator: at most `concurrency` requests in flight, and no
@@ -360,7 +368,7 @@ class S3ArchiveStore:
 
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(min(self.concurrency, len(documents))):
+                for _ in range(self.concurrency):
                     group.create_task(upload())
         except ExceptionGroup as failures:
             if all(isinstance(exc, BackendUnavailable) for exc in failures.exceptions):

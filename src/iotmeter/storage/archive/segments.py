@@ -20,7 +20,7 @@ import hashlib
 import heapq
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -40,7 +40,7 @@ _CACHED_SEGMENTS = 16
 class ObjectStore(ArchiveStore, Protocol):
     """An archive backend that can also hold whole objects (both backends can)."""
 
-    async def put_objects(self, objects: Sequence[tuple[str, bytes]]) -> None: ...
+    async def put_objects(self, objects: Iterable[tuple[str, bytes]]) -> None: ...
 
     async def list_objects(
         self, device_id: str, start_after: str, limit: int
@@ -130,7 +130,7 @@ class LayeredArchive:
     async def put(self, readings: Sequence[ReadingSet]) -> None:
         await self.store.put(readings)
 
-    async def put_objects(self, objects: Sequence[tuple[str, bytes]]) -> None:
+    async def put_objects(self, objects: Iterable[tuple[str, bytes]]) -> None:
         await self.store.put_objects(objects)
 
     async def health(self) -> str | None:
