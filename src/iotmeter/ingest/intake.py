@@ -211,17 +211,19 @@ class Intake:
             self.retained_ignored += 1
         elif len(payload) > self.settings.max_payload_bytes:
             self.oversized += 1
+            now_us = time.time_ns() // 1000
             self.spool.append(
                 topic,
                 payload[:KEPT_HEAD_BYTES],
-                time.time_ns() // 1000,
+                now_us,
                 payload_size=len(payload),
                 payload_sha256=hashlib.sha256(payload).digest(),
             )
-            self.stats.message_received(device_id_from_topic(topic))
+            self.stats.message_received(device_id_from_topic(topic), now_us)
         else:
-            self.spool.append(topic, payload, time.time_ns() // 1000)
-            self.stats.message_received(device_id_from_topic(topic))
+            now_us = time.time_ns() // 1000
+            self.spool.append(topic, payload, now_us)
+            self.stats.message_received(device_id_from_topic(topic), now_us)
         if qos > 0:
             # Acked with the others, in order, after the next commit.
             self._unacked.append((self._generation, mid, qos))

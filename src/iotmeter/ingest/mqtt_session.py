@@ -122,6 +122,10 @@ class MqttSession(asyncio.Protocol):
         self._suback: dict[int, asyncio.Future[None]] = {}
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._chunks: list[bytes] = []
+        """Pieces of a packet still arriving."""
+        self._held = b""
+        self._held_at = 0
+        """A read whose packets from `_held_at` on wait for `resume_reading()`."""
         self._chunk_bytes = 0
         self._needed = 0
         self._out = bytearray()
@@ -230,17 +234,17 @@ class MqttSession(asyncio.Protocol):
         self._ping_sent_at = None
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
-        if self._chunks and self._needed == 0:
+        if self._held:
             # What was read before the pause, not yet handled: next turn (not inside the
             # caller, which may be the handler's own bookkeeping).
             self._loop.call_soon(self._continue)
 
     def _continue(self) -> None:
-        if self._paused or self._closed or not self._chunks:
+        if self._paused or self._closed or not self._held:
             return
-        data = b"".join(self._chunks)
-        self._chunks, self._chunk_bytes = [], 0
-        self._feed(data)
+        data, offset = self._held, self._held_at
+        self._held, self._held_at = b"", 0
+        self._consume(data, offset)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -260,6 +264,9 @@ class MqttSession(asyncio.Protocol):
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        if self._held:  # read before a pause took effect: keep the order
+            data = self._held[self._held_at :] + data
+            self._held, self._held_at = b"", 0
         if self._chunks:
             self._chunks.append(data)
             self._chunk_bytes += len(data)
@@ -267,20 +274,30 @@ class MqttSession(asyncio.Protocol):
                 return  # a large packet still arriving: join once it is whole
             data = b"".join(self._chunks)
             self._chunks, self._chunk_bytes = [], 0
+        self._consume(data, 0)
+
+    def _consume(self, data: bytes, offset: int) -> None:
         try:
-            offset = self._parse(data)
+            offset = self._parse(data, offset)
         except SessionClosed as exc:
             self._fail(exc)
             if self._transport is not None:
                 self._transport.abort()
             return
-        if offset < len(data):
+        if offset >= len(data):
+            return
+        if self._needed == 0:
+            # Paused by the handler: the rest waits where it is (no copy; a hold every few
+            # dozen messages would otherwise copy the rest of a 256 KiB read each time).
+            self._held, self._held_at = data, offset
+        else:
             rest = data[offset:]
             self._chunks, self._chunk_bytes = [rest], len(rest)
 
-    def _parse(self, data: bytes) -> int:
-        """Handle every whole packet in `data`; the offset of the first incomplete one."""
-        offset, end_of_data = 0, len(data)
+    def _parse(self, data: bytes, offset: int) -> int:
+        """Handle every whole packet in `data` from `offset`; where parsing stopped (the first
+        incomplete packet, or after the packet during which the handler paused reading)."""
+        end_of_data = len(data)
         while offset + 2 <= end_of_data:
             first = data[offset]
             length, multiplier, index = 0, 1, offset + 1

@@ -74,6 +74,7 @@ def _list_statements(filters: tuple[str, ...]) -> tuple[Select[Any], Select[Any]
 
 
 _DEVICE_FIELDS = tuple(column.name for column in _DEVICE_COLUMNS)
+_TYPES_OF_ARRAY = text("SELECT id, type FROM devices WHERE id = ANY(CAST(:ids AS varchar[]))")
 
 DeviceRow = dict[str, Any]
 """A device as read by `DeviceReader`: the attributes of `Device` by name, without the ORM."""
@@ -158,7 +159,15 @@ class DeviceRepository:
         ids = list(device_ids)
         if not ids:
             return {}
-        rows = await self.session.execute(select(Device.id, Device.type).where(Device.id.in_(ids)))
+        if self.session.get_bind().dialect.name == "postgresql":
+            # One array parameter, one statement text whatever the number of devices: an IN
+            # list would make a new prepared statement (on every pooled connection) for
+            # each batch size the collector happens to see.
+            rows = await self.session.execute(_TYPES_OF_ARRAY, {"ids": ids})
+        else:
+            rows = await self.session.execute(
+                select(Device.id, Device.type).where(Device.id.in_(ids))
+            )
         return {str(device_id): str(device_type) for device_id, device_type in rows}
 
     async def register_missing(self, devices: dict[str, str]) -> None:
