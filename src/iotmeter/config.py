@@ -83,9 +83,8 @@ class Settings(BaseSettings):
         None,
         min_length=1,
         max_length=64,
-        description="Client id of the collector's persistent MQTT session. Unset: one made for "
-        "the spool folder and kept in it (`mqtt-client-id`), so two iotmeters never share a "
-        "session and one keeps its session across restarts.",
+        description="Client id of the collector's persistent MQTT session. Unset: one made "
+        "for the spool folder and kept in it (`mqtt-client-id`).",
     )
 
     # InfluxDB 2.x (optional; without it the SQL time-series store is used).
@@ -121,10 +120,7 @@ class Settings(BaseSettings):
         description="Segment layout: write every open segment once they hold this much.",
     )
     archive_segment_quiet_s: float = Field(
-        2.0,
-        ge=0,
-        description="Segment layout: also write the open segments once no message came for "
-        "this long (after a burst, or a backlog drained); 0: only by age and size.",
+        2.0, ge=0, description="Segment layout: also write once no message came for this long."
     )
     archive_segment_gzip: bool = Field(
         False, description="Segment layout: gzip segments (`.ndjson.gz`)."
@@ -196,10 +192,7 @@ class Settings(BaseSettings):
         "`max_inflight_messages`.",
     )
     sink_stall_s: float = Field(
-        60.0,
-        gt=0,
-        description="`/ready` answers 503 when a sink has records waiting and has stored none "
-        "for this many seconds.",
+        60.0, gt=0, description="`/ready` is 503 when a sink with work stored none for this long."
     )
     online_window_s: float = Field(
         300.0, gt=0, description="A device seen within this many seconds counts as online."

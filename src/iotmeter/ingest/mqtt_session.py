@@ -96,6 +96,86 @@ def subscribe_packet(packet_id: int, topic_filter: str, qos: int) -> bytes:
     )
 
 
+class _Framer:
+    """Cuts the broker's byte stream into packets by their fixed headers (MQTT 3.1.1 section
+    2.2). A packet may span many reads (they are joined once it is whole, not at every read);
+    the consumer may stop after any packet, and the rest of that read then waits, uncopied,
+    for `resume()`."""
+
+    def __init__(self, on_packet: Callable[[int, bytes, int, int], bool]) -> None:
+        self._on_packet = on_packet
+        """(first byte, data, body start, body end) of each packet; True to stop there."""
+        self._chunks: list[bytes] = []
+        self._chunk_bytes = 0
+        self._needed = 0
+        self._held = b""
+        self._held_at = 0
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def feed(self, data: bytes) -> None:
+        if self._held:  # read before a pause took effect: keep the order
+            data = self._held[self._held_at :] + data
+            self._held, self._held_at = b"", 0
+        if self._chunks:
+            self._chunks.append(data)
+            self._chunk_bytes += len(data)
+            if self._chunk_bytes < self._needed:
+                return  # a large packet still arriving: join once it is whole
+            data = b"".join(self._chunks)
+            self._chunks, self._chunk_bytes = [], 0
+        self._consume(data, 0)
+
+    def resume(self) -> None:
+        data, offset = self._held, self._held_at
+        self._held, self._held_at = b"", 0
+        if data:
+            self._consume(data, offset)
+
+    def _consume(self, data: bytes, offset: int) -> None:
+        offset = self._parse(data, offset)
+        if offset >= len(data):
+            return
+        if self._needed == 0:
+            # Stopped by the consumer: the rest waits where it is (no copy; a hold every few
+            # dozen messages would otherwise copy the rest of a 256 KiB read each time).
+            self._held, self._held_at = data, offset
+        else:
+            rest = data[offset:]
+            self._chunks, self._chunk_bytes = [rest], len(rest)
+
+    def _parse(self, data: bytes, offset: int) -> int:
+        """Hand over every whole packet from `offset`; where parsing stopped (at the first
+        incomplete packet, or after the one the consumer stopped at)."""
+        end_of_data = len(data)
+        while offset + 2 <= end_of_data:
+            length, multiplier, index = 0, 1, offset + 1
+            while True:
+                if index >= end_of_data:
+                    self._needed = end_of_data - offset + 1
+                    return offset
+                byte = data[index]
+                length += (byte & 0x7F) * multiplier
+                index += 1
+                if byte < 0x80:
+                    break
+                multiplier *= 128
+                if multiplier > 128**3:
+                    raise SessionClosed("malformed packet from the broker (remaining length)")
+            end = index + length
+            if end > end_of_data:
+                self._needed = end - offset
+                return offset
+            if self._on_packet(data[offset], data, index, end):
+                self._needed = 0
+                return end
+            offset = end
+        self._needed = 2
+        return offset
+
+
 class MqttSession(asyncio.Protocol):
     """A persistent-session (clean session off) MQTT 3.1.1 subscriber with manual acks."""
 
@@ -121,13 +201,7 @@ class MqttSession(asyncio.Protocol):
         self._connack: asyncio.Future[None] = self._loop.create_future()
         self._suback: dict[int, asyncio.Future[None]] = {}
         self._lost: asyncio.Future[None] = self._loop.create_future()
-        self._chunks: list[bytes] = []
-        """Pieces of a packet still arriving."""
-        self._held = b""
-        self._held_at = 0
-        """A read whose packets from `_held_at` on wait for `resume_reading()`."""
-        self._chunk_bytes = 0
-        self._needed = 0
+        self._framer = _Framer(self._on_packet)
         self._out = bytearray()
         self._flush_scheduled = False
         self._last_sent = self._last_received = time.monotonic()
@@ -234,17 +308,14 @@ class MqttSession(asyncio.Protocol):
         self._ping_sent_at = None
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
-        if self._held:
+        if self._framer.holding:
             # What was read before the pause, not yet handled: next turn (not inside the
             # caller, which may be the handler's own bookkeeping).
             self._loop.call_soon(self._continue)
 
     def _continue(self) -> None:
-        if self._paused or self._closed or not self._held:
-            return
-        data, offset = self._held, self._held_at
-        self._held, self._held_at = b"", 0
-        self._consume(data, offset)
+        if not self._paused and not self._closed:
+            self._guarded(self._framer.resume)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -261,74 +332,24 @@ class MqttSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_received = time.monotonic()
         self._ping_sent_at = None
-        self._feed(data)
+        self._guarded(self._framer.feed, data)
 
-    def _feed(self, data: bytes) -> None:
-        if self._held:  # read before a pause took effect: keep the order
-            data = self._held[self._held_at :] + data
-            self._held, self._held_at = b"", 0
-        if self._chunks:
-            self._chunks.append(data)
-            self._chunk_bytes += len(data)
-            if self._chunk_bytes < self._needed:
-                return  # a large packet still arriving: join once it is whole
-            data = b"".join(self._chunks)
-            self._chunks, self._chunk_bytes = [], 0
-        self._consume(data, 0)
-
-    def _consume(self, data: bytes, offset: int) -> None:
+    def _guarded(self, step: Callable[..., None], *args: bytes) -> None:
         try:
-            offset = self._parse(data, offset)
-        except SessionClosed as exc:
+            step(*args)
+        except SessionClosed as exc:  # the broker sent what is not MQTT
             self._fail(exc)
             if self._transport is not None:
                 self._transport.abort()
-            return
-        if offset >= len(data):
-            return
-        if self._needed == 0:
-            # Paused by the handler: the rest waits where it is (no copy; a hold every few
-            # dozen messages would otherwise copy the rest of a 256 KiB read each time).
-            self._held, self._held_at = data, offset
-        else:
-            rest = data[offset:]
-            self._chunks, self._chunk_bytes = [rest], len(rest)
 
-    def _parse(self, data: bytes, offset: int) -> int:
-        """Handle every whole packet in `data` from `offset`; where parsing stopped (the first
-        incomplete packet, or after the packet during which the handler paused reading)."""
-        end_of_data = len(data)
-        while offset + 2 <= end_of_data:
-            first = data[offset]
-            length, multiplier, index = 0, 1, offset + 1
-            while True:
-                if index >= end_of_data:
-                    self._needed = end_of_data - offset + 1
-                    return offset
-                byte = data[index]
-                length += (byte & 0x7F) * multiplier
-                index += 1
-                if byte < 0x80:
-                    break
-                multiplier *= 128
-                if multiplier > 128**3:
-                    raise SessionClosed("malformed packet from the broker (remaining length)")
-            end = index + length
-            if end > end_of_data:
-                self._needed = end - offset
-                return offset
-            kind = first >> 4
-            if kind == _PUBLISH:
-                self._publish(first, data, index, end)
-                if self._paused:
-                    # The handler asked to stop: the rest of this read waits for resume.
-                    self._needed = 0
-                    return end
-            else:
-                self._control(kind, data[index:end])
-            offset = end
-        self._needed = 2
-        return offset
+    def _on_packet(self, first: int, data: bytes, start: int, end: int) -> bool:
+        """One whole packet; True when reading is paused after it."""
+        kind = first >> 4
+        if kind == _PUBLISH:
+            self._publish(first, data, start, end)
+            return self._paused
+        self._control(kind, data[start:end])
+        return False
 
     def _publish(self, first: int, data: bytes, start: int, end: int) -> None:
         qos = (first >> 1) & 0x03

@@ -155,6 +155,25 @@ class SignedPut:
             await backoff.wait(refused)
 
 
+async def _check_bucket_at_start(store: S3ArchiveStore) -> None:
+    """Check (or create) the bucket, but never hold start-up for long: an endpoint that accepts
+    and never answers must not keep the app (and a Ctrl-C) waiting for the whole read timeout.
+    What fails here is tried again on first use."""
+    try:
+        async with asyncio.timeout(STARTUP_CHECK_S):
+            await store.ensure_bucket()
+    except BackendUnavailable as exc:
+        logger.warning("%s; the archive retries on first use", exc.message)
+    except TimeoutError:
+        logger.warning(
+            "S3 archive at %s (bucket %s): no answer within %.0f s at start-up; "
+            "the archive retries on first use",
+            store.endpoint_url,
+            store.bucket,
+            STARTUP_CHECK_S,
+        )
+
+
 def _client_config(concurrency: int, connect_timeout: float, read_timeout: float) -> AioConfig:
     return AioConfig(
         s3={"addressing_style": "path"},
@@ -260,21 +279,7 @@ class S3ArchiveStore:
                 concurrency=concurrency,
                 signed_put=signed_put,
             )
-            try:
-                # Bounded: an endpoint that accepts and never answers must not hold start-up
-                # (and a Ctrl-C) for the whole read timeout.
-                async with asyncio.timeout(STARTUP_CHECK_S):
-                    await store._ensure_bucket()
-            except BackendUnavailable as exc:
-                logger.warning("%s; the archive retries on first use", exc.message)
-            except TimeoutError:
-                logger.warning(
-                    "S3 archive at %s (bucket %s): no answer within %.0f s at start-up; "
-                    "the archive retries on first use",
-                    store.endpoint_url,
-                    bucket,
-                    STARTUP_CHECK_S,
-                )
+            await _check_bucket_at_start(store)
             yield store
 
     def _unavailable(self, operation: str, exc: BaseException) -> BackendUnavailable:
@@ -296,7 +301,8 @@ class S3ArchiveStore:
                 self._bucket_ready = False
             raise self._unavailable(operation, exc) from exc
 
-    async def _ensure_bucket(self) -> None:
+    async def ensure_bucket(self) -> None:
+        """Check the bucket, creating it when missing (once; again after it vanished)."""
         if self._bucket_ready:
             return
         async with self._bucket_lock:
@@ -351,7 +357,7 @@ class S3ArchiveStore:
         first = next(pending, None)
         if first is None:
             return
-        await self._ensure_bucket()
+        await self.ensure_bucket()
         pending = itertools.chain([first], pending)
 
         async def upload() -> None:
@@ -380,7 +386,7 @@ class S3ArchiveStore:
     ) -> builtins.list[str]:
         """Segment object keys of a device sorting after `start_after`, in order."""
         check_device_id(device_id)
-        await self._ensure_bucket()
+        await self.ensure_bucket()
         keys: list[str] = []
         while len(keys) < limit:
             with self._calling("ListObjectsV2"):
@@ -405,7 +411,7 @@ class S3ArchiveStore:
         return await self._get_body(key)
 
     async def _get_body(self, key: str) -> bytes:
-        await self._ensure_bucket()
+        await self.ensure_bucket()
         try:
             with self._calling("GetObject"):
                 response = await self._client.get_object(Bucket=self.bucket, Key=key)
@@ -438,7 +444,7 @@ class S3ArchiveStore:
             start_after = after
         if start_after >= high:
             return ArchivePage(keys=[], next_cursor=None)
-        await self._ensure_bucket()
+        await self.ensure_bucket()
         keys: list[str] = []
         # One key more than asked tells whether another page exists.
         while len(keys) <= limit:
@@ -478,7 +484,7 @@ class S3ArchiveStore:
             with self._calling("HeadBucket"):
                 await self._client.head_bucket(Bucket=self.bucket)
         else:
-            await self._ensure_bucket()
+            await self.ensure_bucket()
         return f"{self.endpoint_url}/{self.bucket}"
 
 
