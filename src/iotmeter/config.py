@@ -120,7 +120,7 @@ class Settings(BaseSettings):
         description="Segment layout: write every open segment once they hold this much.",
     )
     archive_segment_quiet_s: float = Field(
-        2.0, ge=0, description="Segment layout: also write once no message came for this long."
+        0.5, ge=0, description="Segment layout: also write once no message came for this long."
     )
     archive_segment_gzip: bool = Field(
         False, description="Segment layout: gzip segments (`.ndjson.gz`)."

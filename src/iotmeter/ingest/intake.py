@@ -21,6 +21,7 @@ It knows nothing of stores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import sys
@@ -95,6 +96,10 @@ class Intake:
         self._unacked: list[tuple[int, int, int]] = []
         self._waiting: deque[_Pending] = deque()
         self._work = asyncio.Event()
+        self._crowded = asyncio.Event()
+        """Set when half the in-flight window waits for a commit: commit now, not after the
+        interval (the broker sends no more than its window until acks come back)."""
+        self._crowd_limit = max(1, settings.mqtt_max_inflight // 2)
         self._committed = asyncio.Event()
         self._since_check = 0
         # Whether to hold is asked every so many messages: often enough for the bound to hold
@@ -227,6 +232,8 @@ class Intake:
         if qos > 0:
             # Acked with the others, in order, after the next commit.
             self._unacked.append((self._generation, mid, qos))
+            if len(self._unacked) >= self._crowd_limit:
+                self._crowded.set()
         self._work.set()
 
     async def _commit_loop(self) -> None:
@@ -235,8 +242,12 @@ class Intake:
         backoff = Backoff("spool write", log=logger)
         while True:
             await self._work.wait()
-            await asyncio.sleep(interval)
+            if not self._crowded.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self._crowded.wait()
             self._work.clear()
+            self._crowded.clear()
             acks, self._unacked = self._unacked, []
             try:
                 await self.spool.commit()

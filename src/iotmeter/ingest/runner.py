@@ -30,6 +30,8 @@ from iotmeter.retry import Backoff, describe
 
 logger = logging.getLogger(__name__)
 
+IDLE_POLL_S = 0.25
+"""How often a sink with nothing to take is asked whether it has something due (`idle`)."""
 MAX_TRIES = 5
 """Tries of one batch (or of one record) failing for a reason that is not an outage."""
 
@@ -104,7 +106,7 @@ class SinkRunner:
 
     async def run(self) -> None:
         while True:
-            await self.spool.wait_beyond(self.taken, within=1.0)
+            await self.spool.wait_beyond(self.taken, within=IDLE_POLL_S)
             if self.spool.committed_seq <= self.taken:
                 await self._advance(await self._retrying(self.sink.idle), self.taken)
                 continue

@@ -34,6 +34,6 @@ class Sink(Protocol):
         ...
 
     async def idle(self) -> int | None:
-        """Called about once a second while no records come: a buffering sink writes what is
+        """Called about four times a second while no records come: a buffering sink writes what is
         due and returns the last seq now durable; others return None."""
         ...
