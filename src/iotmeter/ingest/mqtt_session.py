@@ -436,10 +436,14 @@ class MqttSession(asyncio.Protocol):
         self._timer = self._loop.call_later(1.0, self._tick)
 
     def _fail(self, error: SessionClosed) -> None:
+        # Each marked as retrieved: a session lost before anyone waited for it is not an
+        # "exception never retrieved" (whoever waits later still gets it).
         if not self._lost.done():
             self._lost.set_exception(error)
+            self._lost.exception()
         if not self._connack.done():
             self._connack.set_exception(error)
+            self._connack.exception()
         for future in self._suback.values():
             if not future.done():
                 future.set_exception(error)
