@@ -720,6 +720,11 @@ def app_environment(args: argparse.Namespace, services: Services, workdir: Path)
             "IOTMETER_COLLECTOR_ENABLED": "true",
             "IOTMETER_SIMULATOR_ENABLED": "false",
             "IOTMETER_LOG_LEVEL": args.app_log_level,
+            # The first start writes its admin key here (older commits ignore it).
+            "IOTMETER_AUTH_BOOTSTRAP_FILE": str(workdir / "admin.key"),
+            # The API phase measures capacity: no rate limit in the way.
+            "IOTMETER_RATE_LIMIT_PER_KEY": "",
+            "IOTMETER_RATE_LIMIT_PER_ADDRESS": "",
         }
     )
     if services.s3 is not None:
@@ -816,6 +821,17 @@ class App:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def key_file(self) -> Path | None:
+        """The admin key the app wrote at its first start (None for commits without auth)."""
+        path = self.log.parent / "admin.key"
+        return path if path.exists() else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        key_file = self.key_file
+        return {"Authorization": f"Bearer {key_file.read_text().strip()}"} if key_file else {}
+
     def failure(self, what: str) -> HarnessError:
         return HarnessError(f"iotmeter {what}; the end of its log ({self.log}):\n{tail(self.log)}")
 
@@ -856,7 +872,7 @@ async def spawn_app(
 
 async def wait_ready(app: App, within: float = 90) -> None:
     deadline = time.monotonic() + within
-    async with httpx.AsyncClient(base_url=app.base_url, timeout=5) as client:
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=5, headers=app.headers) as client:
         while True:
             if app.process.returncode is not None:
                 raise app.failure(f"exited with {app.process.returncode} while starting")
@@ -1645,7 +1661,7 @@ def backlog_drain_idle(args: argparse.Namespace, env: dict[str, str]) -> float:
 
 
 async def stats_messages(app: App) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10, headers=app.headers) as api:
         response = await api.get("/api/v1/stats")
     if response.status_code != 200:
         raise app.failure(f"answered {response.status_code} to GET /api/v1/stats")
@@ -1683,7 +1699,7 @@ async def backlog_app_phase(
     spawned_at = time.time()
     app = await spawn_app(env, run.workdir, stack)
     run.meter.add("app", app.process.pid)
-    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10, headers=app.headers) as api:
         sampler = Sampler(run.meter, app.process.pid, api)
         sampler.start()
         profile_task = None
@@ -1908,6 +1924,7 @@ async def http_phase(
     workers = []
     for index in range(clients):
         options = [
+            *(["--api-key-file", str(app.key_file)] if app.key_file else []),
             "--base-url",
             app.base_url,
             "--endpoint",
@@ -1985,7 +2002,7 @@ async def settle(app: App, device: str, within: float = 60.0) -> float:
     may still hold the server (and its connection pool) after a test; the next test must not
     pay for them. Returns the seconds waited."""
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10, headers=app.headers) as client:
         quick_in_a_row = 0
         while quick_in_a_row < 5 and time.monotonic() - started < within:
             before = time.perf_counter()
@@ -2435,7 +2452,7 @@ async def steady_phases(
         summary["ceiling"] = await ceiling_phase(run)
     await register_devices(run, env, summary)
     app = await start_app(env, run.workdir, stack)
-    async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=10, headers=app.headers) as api:
         print("iotmeter phase ...", file=sys.stderr, flush=True)
         summary["iotmeter"] = await iotmeter_phase(run, app, api)
     return app

@@ -465,13 +465,18 @@ class RequestFailed(Exception):
 class HttpxGetter:
     """GET through httpx.AsyncClient (the reference client)."""
 
-    def __init__(self, base_url: str, connections: int, timeout: float) -> None:
+    def __init__(
+        self, base_url: str, connections: int, timeout: float, api_key: str | None = None
+    ) -> None:
         import httpx
 
         self.httpx = httpx
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self.client = httpx.AsyncClient(
-            base_url=base_url, limits=limits, timeout=httpx.Timeout(timeout)
+            base_url=base_url,
+            limits=limits,
+            timeout=httpx.Timeout(timeout),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
         )
 
     async def get(self, path: str) -> int:
@@ -489,8 +494,11 @@ class RawGetter:
     """GET over a fixed pool of keep-alive HTTP/1.1 connections with hand-written framing:
     a fraction of httpx's CPU per request, for loads where the client would be the limit."""
 
-    def __init__(self, base_url: str, connections: int, timeout: float) -> None:
+    def __init__(
+        self, base_url: str, connections: int, timeout: float, api_key: str | None = None
+    ) -> None:
         parts = urlsplit(base_url)
+        self.authorization = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.size = connections
@@ -506,7 +514,8 @@ class RawGetter:
     ) -> int:
         reader, writer = connection
         writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\nAccept: application/json\r\n\r\n".encode()
+            f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\nAccept: application/json\r\n"
+            f"{self.authorization}\r\n".encode()
         )
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -558,7 +567,8 @@ async def run_http(args: argparse.Namespace, loop_name: str) -> None:
     # latency (measured from the scheduled time).
     connections = max(args.concurrency, 1) if args.rate == 0 else args.connections
     kind = HttpxGetter if args.client == "httpx" else RawGetter
-    client = kind(args.base_url, connections, args.request_timeout)
+    api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else None
+    client = kind(args.base_url, connections, args.request_timeout, api_key)
     try:
         # Open the connections before the clock starts.
         await asyncio.gather(
@@ -855,6 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     http = roles.add_parser("http")
     http.add_argument("--base-url", required=True)
+    http.add_argument("--api-key-file", help="a file holding the API key to send")
     http.add_argument("--endpoint", choices=sorted(ENDPOINTS), required=True)
     http.add_argument("--devices", type=int, default=1000)
     http.add_argument("--duration", type=float, default=10)
