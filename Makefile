@@ -22,7 +22,8 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 ## Install and start the app on the embedded defaults, with simulated devices publishing.
 run: $(VENV)/.installed
 	IOTMETER_SIMULATOR_ENABLED=$${IOTMETER_SIMULATOR_ENABLED:-true} \
-		$(BIN)/uvicorn iotmeter.app:app --host $(HOST) --port $(PORT)
+		$(BIN)/uvicorn iotmeter.app:app --host $(HOST) --port $(PORT) \
+		--http iotmeter.server:HttpProtocol
 
 ## Install the test dependencies, check the services the tests need, run everything.
 test: $(VENV)/.installed-dev

@@ -11,12 +11,14 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import text
+from starlette.types import ASGIApp
 
 from iotmeter.app import BackgroundTask, create_app
 from iotmeter.config import Settings
 from iotmeter.db.base import Base
-from iotmeter.db.engine import build_engine
+from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.migrate import upgrade_async
+from iotmeter.services.keys import create_key
 from tests.fixtures.s3 import seaweedfs
 from tests.fixtures.services import create_pg_database, drop_pg_database
 
@@ -76,6 +78,7 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
         "database_auto_migrate": False,
         "archive_dir": tmp_path / "archive",
         "spool_dir": tmp_path / "spool",
+        "auth_bootstrap_file": tmp_path / "admin.key",
         "collector_enabled": False,
         "simulator_enabled": False,
         "log_level": "DEBUG",
@@ -96,15 +99,41 @@ def app_tasks() -> dict[str, BackgroundTask]:
 
 
 @pytest.fixture
-async def api(
+async def asgi_app(
     settings: Settings, app_tasks: dict[str, BackgroundTask]
-) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on the app, with its real lifespan running."""
+) -> AsyncIterator[ASGIApp]:
+    """The app with its real lifespan running."""
     app = create_app(settings, extra_tasks=app_tasks)
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://iotmeter") as client:
-            yield client
+        yield manager.app
+
+
+@pytest.fixture
+async def api(asgi_app: ASGIApp, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on the app holding the admin key the app made at its first start."""
+    transport = httpx.ASGITransport(app=asgi_app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://iotmeter", headers=await auth_headers(settings)
+    ) as client:
+        yield client
+
+
+async def auth_headers(settings: Settings) -> dict[str, str]:
+    """`Authorization` with an admin key: the one the app wrote at its first start, or, when
+    the database already held keys (a database shared by tests), a new one made for the test.
+    None with auth off."""
+    if settings.auth == "off":
+        return {}
+    path = settings.auth_bootstrap_file
+    if not path.exists():
+        database = Database(build_engine(settings.database_url))
+        try:
+            async with database.transaction() as session:
+                _row, key = await create_key(session, name="test", role="admin", expires_at=None)
+        finally:
+            await database.close()
+        path.write_text(key)
+    return {"Authorization": f"Bearer {path.read_text().strip()}"}
 
 
 @pytest.fixture

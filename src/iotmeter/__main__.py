@@ -7,6 +7,7 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
+from iotmeter import cli_keys
 from iotmeter.config import Settings, load_settings
 from iotmeter.errors import SettingsInvalid
 
@@ -25,6 +26,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from iotmeter.app import create_app
+    from iotmeter.server import HttpProtocol
 
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again into the handler
     # that was there before it: Python's default would end the process with status 143 and
@@ -36,6 +38,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             host=args.host or settings.http_host,
             port=args.port or settings.http_port,
             log_level=settings.log_level.lower(),
+            http=HttpProtocol,
+            timeout_keep_alive=settings.http_keep_alive_s,
+            ssl_certfile=settings.http_tls_cert_file,
+            ssl_keyfile=settings.http_tls_key_file,
         )
     return 0
 
@@ -143,7 +149,11 @@ def settings_table() -> str:
     from iotmeter.config import env_name
 
     lines = ["| Variable | Default | Description |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
+    # Settings' own fields first, then each part it is made of (HTTP, simulator), in order.
+    parts = [name for base in Settings.__bases__ for name in base.model_fields]  # type: ignore[attr-defined]
+    own = [name for name in Settings.model_fields if name not in parts]
+    for name in own + parts:
+        field = Settings.model_fields[name]
         default = field.get_default(call_default_factory=True)
         lines.append(
             f"| `{env_name(name)}` | {_format_default(default)} | {field.description or ''} |"
@@ -181,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--start", required=True, help="RFC 3339 or relative like -7d")
     replay.add_argument("--stop", default="now", help="RFC 3339, relative or now (default)")
     replay.set_defaults(handler=_replay)
+    cli_keys.add_parser(commands)
     table = commands.add_parser("settings", help="print the settings as a Markdown table")
     table.set_defaults(handler=_settings_table, needs_settings=False)
     return parser

@@ -9,12 +9,28 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from iotmeter import __version__
-from iotmeter.api.errors import install_error_handlers
-from iotmeter.api.routes import alerts, dead_letters, devices, health, raw, stats, telemetry
+from iotmeter.api.audit import AuditLog
+from iotmeter.api.auth import authorize, warn_when_off
+from iotmeter.api.errors import API_ERRORS, install_error_handlers
+from iotmeter.api.guard import RequestGuard
+from iotmeter.api.openapi import install_truthful_openapi
+from iotmeter.api.routes import (
+    alerts,
+    audit,
+    dead_letters,
+    devices,
+    health,
+    keys,
+    raw,
+    stats,
+    telemetry,
+)
 from iotmeter.config import Settings, load_settings
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.migrate import upgrade_async
@@ -22,8 +38,12 @@ from iotmeter.ingest.broker import open_broker
 from iotmeter.ingest.collector import Collector, build_sinks
 from iotmeter.ingest.directory import DeviceDirectory
 from iotmeter.logging import configure_logging
+from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.runtime import TaskSupervisor
-from iotmeter.simulator.publisher import run_simulator
+from iotmeter.server import HttpProtocol
+from iotmeter.services.housekeeping import run_housekeeping
+from iotmeter.services.keys import bootstrap_admin_key
+from iotmeter.simulator.publisher import plan_devices, run_simulator
 from iotmeter.state import AppState
 from iotmeter.storage.factory import open_archive, open_timeseries
 
@@ -51,6 +71,7 @@ async def open_state(
             build_engine(settings.database_url, pool_size=settings.database_pool_size)
         )
         stack.push_async_callback(database.close)
+        await _prepare(settings, database)
         timeseries = await stack.enter_async_context(open_timeseries(settings, database))
         archive = await stack.enter_async_context(open_archive(settings))
         broker = None
@@ -66,9 +87,11 @@ async def open_state(
             supervisor=supervisor,
             broker=broker,
         )
-        state.health_checks["database"] = partial(_database_health, database)
-        state.health_checks["timeseries"] = timeseries.health
-        state.health_checks["archive"] = archive.health
+        state.health_checks.update(
+            database=partial(_database_health, database),
+            timeseries=timeseries.health,
+            archive=archive.health,
+        )
         directory = DeviceDirectory(database, settings.auto_register)
         state.device_listeners.append(directory.forget)
         if broker is not None and settings.collector_enabled:
@@ -80,13 +103,7 @@ async def open_state(
             state.health_checks["spool"] = collector.spool_health
         # Registered after the clients, so it runs first on the way out: tasks stop first.
         stack.push_async_callback(supervisor.stop)
-        if state.collector is not None:
-            supervisor.start("collector", state.collector.run)
-        if broker is not None and settings.simulator_enabled:
-            simulator_url = settings.simulator_mqtt_url or broker.url
-            supervisor.start("simulator", partial(run_simulator, settings, simulator_url))
-        for name, task in (extra_tasks or {}).items():
-            supervisor.start(name, partial(task, state))
+        _start_tasks(state, extra_tasks or {})
         logger.info(
             "iotmeter %s started: database %s, time series %s, archive %s, MQTT %s",
             __version__,
@@ -98,6 +115,36 @@ async def open_state(
         _settle_the_heap()
         yield state
         logger.info("iotmeter stopping")
+
+
+async def _prepare(settings: Settings, database: Database) -> None:
+    """Warn when auth is off; on a first start, make the admin key and say where it is.
+    Register the in-process simulator's devices, so they exist before their first message."""
+    if settings.simulator_enabled and settings.auto_register:
+        devices: dict[str, str] = {d.device_id: d.kind for d in plan_devices(settings)}
+        async with database.transaction() as session:
+            await DeviceRepository(session).register_missing(devices)
+    warn_when_off(settings)
+    if settings.auth == "on":
+        written = await bootstrap_admin_key(database, settings.auth_bootstrap_file)
+        if written is not None:
+            logger.warning(
+                "no API key existed: created an admin key and wrote it to %s (mode 0600); "
+                "create more with POST /api/v1/keys or `iotmeter keys create`",
+                written.resolve(),
+            )
+
+
+def _start_tasks(state: AppState, extra_tasks: Mapping[str, BackgroundTask]) -> None:
+    supervisor, settings, broker = state.supervisor, state.settings, state.broker
+    if state.collector is not None:
+        supervisor.start("collector", state.collector.run)
+    if broker is not None and settings.simulator_enabled:
+        simulator_url = settings.simulator_mqtt_url or broker.url
+        supervisor.start("simulator", partial(run_simulator, settings, simulator_url))
+    supervisor.start("housekeeping", partial(run_housekeeping, state))
+    for name, task in extra_tasks.items():
+        supervisor.start(name, partial(task, state))
 
 
 def _settle_the_heap() -> None:
@@ -122,7 +169,9 @@ def create_app(
         async with open_state(settings, extra_tasks) as state:
             yield {"iotmeter": state}
 
-    app = FastAPI(
+    # The documentation pages with Swagger UI and ReDoc served by the app (no CDN: /docs works
+    # offline, and its Content-Security-Policy can stay on 'self').
+    app = FastAPIOffline(
         title="iotmeter",
         version=__version__,
         description="IoT telemetry backend: device registry, telemetry, raw archive, alerts.",
@@ -135,6 +184,11 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    if settings.http_allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.http_allowed_hosts)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.http_max_body_bytes)
+    app.add_middleware(AuditLog)  # outermost: it also sees what the guard refuses
+    HttpProtocol.header_timeout_s = settings.http_header_timeout_s
     install_error_handlers(app)
     # Each router straight on the app: FastAPI walks nested routers on every request.
     for router in (
@@ -144,9 +198,17 @@ def create_app(
         raw.router,
         dead_letters.router,
         stats.router,
+        keys.router,
+        audit.router,
     ):
-        app.include_router(router, prefix="/api/v1")
+        app.include_router(
+            router,
+            prefix="/api/v1",
+            dependencies=[Depends(authorize)],
+            responses=API_ERRORS,
+        )
     app.include_router(health.router)
+    install_truthful_openapi(app)
     return app
 
 

@@ -5,6 +5,7 @@ Every field's description feeds the README's configuration table (`iotmeter sett
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -40,7 +41,161 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-class Settings(BaseSettings):
+class _SimulatorSettings(BaseSettings):
+    """The in-process device simulator (part of `Settings`)."""
+
+    simulator_devices: int = Field(
+        3, ge=0, le=100_000, description="Simulated devices in total, spread over the kinds."
+    )
+    simulator_kinds: Annotated[list[SimulatorKind], NoDecode] = Field(
+        default_factory=lambda: list(SIMULATOR_KINDS),
+        description="Comma-separated kinds to simulate: temperature, humidity, power_meter.",
+    )
+    simulator_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between two messages of one simulated device."
+    )
+    simulator_jitter: float = Field(
+        0.1, ge=0, le=1, description="Random spread of the interval, as a fraction of it."
+    )
+    simulator_qos: Literal[0, 1] = Field(1, description="MQTT QoS of simulated messages.")
+    simulator_id_prefix: str = Field(
+        "sim", pattern=r"^[A-Za-z0-9_.\-]{1,32}$", description="Prefix of simulated device ids."
+    )
+    simulator_mqtt_url: str | None = Field(
+        None, description="Broker of the simulator; unset: the broker the collector uses."
+    )
+    simulator_devices_per_connection: int = Field(
+        500, ge=1, description="Simulated devices that share one MQTT connection."
+    )
+    simulator_spike_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of messages with an injected spike (for alerting)."
+    )
+    simulator_dropout_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of messages a simulated device skips (dropouts)."
+    )
+
+
+class _HttpSettings(BaseSettings):
+    """The HTTP server and the API's limits (part of `Settings`)."""
+
+    http_host: str = Field("127.0.0.1", description="Address `iotmeter serve` binds.")
+    http_port: int = Field(8080, ge=1, le=65535, description="Port `iotmeter serve` binds.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins allowed by CORS (`*` for any). Empty: CORS off.",
+    )
+    http_max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest request body the API reads; a larger one is refused with 413.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's head (a slowloris defence).",
+    )
+    http_tls_cert_file: Path | None = Field(
+        None, description="`iotmeter serve` speaks HTTPS with this certificate (PEM)..."
+    )
+    http_tls_key_file: Path | None = Field(None, description="...and this private key (PEM).")
+    http_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated `Host` values the API answers (e.g. `iot.example.com`, "
+        "`*.example.com`); others get 400. Empty: any.",
+    )
+    http_keep_alive_s: int = Field(
+        5, ge=1, description="Seconds an idle keep-alive connection stays open."
+    )
+
+    dead_letter_retention_days: float = Field(
+        30.0, gt=0, description="Dead letters older than this many days are deleted."
+    )
+    dead_letter_max_rows: int = Field(
+        100_000, ge=100, description="Most dead letters kept; the oldest beyond it are deleted."
+    )
+
+
+class _AuthSettings(BaseSettings):
+    """Who may use the API, and the audit log (part of `Settings`)."""
+
+    auth: Literal["on", "off"] = Field(
+        "on",
+        description="`off` serves the API to anyone who reaches it: only for a trusted "
+        "loopback-only setup (a warning is logged at every start).",
+    )
+    auth_bootstrap_file: Path = Field(
+        Path("./data/admin.key"),
+        description="Where the first start writes the admin key it creates (mode 0600) when "
+        "no key exists.",
+    )
+    auth_jwt_secret: SecretStr | None = Field(
+        None, description="Accept JWT bearer tokens signed with this HMAC secret (HS256)."
+    )
+    auth_jwt_public_key: str | None = Field(
+        None,
+        description="Accept JWT bearer tokens signed with this key (PEM, or a path to a PEM "
+        "file; RS256/ES256).",
+    )
+    auth_jwt_audience: str | None = Field(
+        None, description="The `aud` a JWT must carry (unset: not checked)."
+    )
+    auth_jwt_issuer: str | None = Field(
+        None, description="The `iss` a JWT must carry (unset: not checked)."
+    )
+    auth_jwt_role_claim: str = Field(
+        "role", min_length=1, description="The JWT claim (a string or a list) naming the role."
+    )
+    auth_jwt_roles: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Claim values to roles, e.g. `iot-admins=admin,iot-ops=operator`; a "
+        "claim value that is a role's name is that role.",
+    )
+    rate_limit_per_key: str = Field(
+        "2000/second",
+        description="Requests one API key (or token subject) may make, e.g. `100/second;"
+        "10000/hour`; over it: 429 with Retry-After. Empty: no limit.",
+    )
+    rate_limit_per_address: str = Field(
+        "2000/second",
+        description="Requests one client address may make (counted before authentication, "
+        "so failed attempts count). Empty: no limit.",
+    )
+    audit_retention_days: float = Field(
+        90.0, gt=0, description="Audit log entries older than this many days are deleted."
+    )
+
+    @field_validator("rate_limit_per_key", "rate_limit_per_address")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            if value.strip():
+                parse_many(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a rate limit; write e.g. 100/second or 100/second;5000/hour"
+            ) from None
+        return value
+
+    @field_validator("auth_jwt_roles", mode="before")
+    @classmethod
+    def _role_map(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        mapping = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            claim, separator, role = item.partition("=")
+            if not separator or role.strip() not in ("admin", "operator", "viewer"):
+                raise ValueError(
+                    f"{item!r}: write claim=role with a role of admin, operator or viewer"
+                )
+            mapping[claim.strip()] = role.strip()
+        return mapping
+
+
+class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
     """All of iotmeter's configuration; defaults give the zero-config embedded setup."""
 
     model_config = SettingsConfigDict(
@@ -206,47 +361,9 @@ class Settings(BaseSettings):
         100_000, ge=10, description="Most points one telemetry query may return."
     )
 
-    # Simulator.
-    simulator_devices: int = Field(
-        3, ge=0, le=100_000, description="Simulated devices in total, spread over the kinds."
-    )
-    simulator_kinds: Annotated[list[SimulatorKind], NoDecode] = Field(
-        default_factory=lambda: list(SIMULATOR_KINDS),
-        description="Comma-separated kinds to simulate: temperature, humidity, power_meter.",
-    )
-    simulator_interval_s: float = Field(
-        5.0, gt=0, description="Seconds between two messages of one simulated device."
-    )
-    simulator_jitter: float = Field(
-        0.1, ge=0, le=1, description="Random spread of the interval, as a fraction of it."
-    )
-    simulator_qos: Literal[0, 1] = Field(1, description="MQTT QoS of simulated messages.")
-    simulator_id_prefix: str = Field(
-        "sim", pattern=r"^[A-Za-z0-9_.\-]{1,32}$", description="Prefix of simulated device ids."
-    )
-    simulator_mqtt_url: str | None = Field(
-        None, description="Broker of the simulator; unset: the broker the collector uses."
-    )
-    simulator_devices_per_connection: int = Field(
-        500, ge=1, description="Simulated devices that share one MQTT connection."
-    )
-    simulator_spike_rate: float = Field(
-        0.0, ge=0, le=1, description="Share of messages with an injected spike (for alerting)."
-    )
-    simulator_dropout_rate: float = Field(
-        0.0, ge=0, le=1, description="Share of messages a simulated device skips (dropouts)."
-    )
-
-    # HTTP.
-    http_host: str = Field("127.0.0.1", description="Address `iotmeter serve` binds.")
-    http_port: int = Field(8080, ge=1, le=65535, description="Port `iotmeter serve` binds.")
-    cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Comma-separated origins allowed by CORS (`*` for any). Empty: CORS off.",
-    )
     log_level: LogLevel = Field("INFO", description="Log level.")
 
-    @field_validator("cors_origins", "simulator_kinds", mode="before")
+    @field_validator("cors_origins", "simulator_kinds", "http_allowed_hosts", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -323,6 +440,11 @@ class Settings(BaseSettings):
                 f"{env_name('mqtt_url')}=embedded needs {env_name('collector_enabled')} or "
                 f"{env_name('simulator_enabled')}: nothing would use the embedded broker"
             )
+        if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):
+            problems.append(
+                f"{env_name('http_tls_cert_file')} and {env_name('http_tls_key_file')} go "
+                "together: set both for HTTPS, or neither"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -338,10 +460,36 @@ class Settings(BaseSettings):
         return self.database_auto_migrate
 
 
+SECRETS_DIR_VARIABLE = ENV_PREFIX + "SECRETS_DIR"
+
+
+def _values_from_files() -> dict[str, str]:
+    """`IOTMETER_<NAME>_FILE=/run/secrets/x`: the setting's value is the file's content (Docker
+    and Kubernetes secrets), so no environment variable holds a password or a token."""
+    values = {}
+    for name in Settings.model_fields:
+        variable = env_name(name) + "_FILE"
+        path = os.environ.get(variable)
+        if not path:
+            continue
+        try:
+            values[name] = Path(path).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise SettingsInvalid(
+                f"invalid settings: {variable}: cannot read {path}: {exc}"
+            ) from None
+    return values
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read the environment (plus overrides); raise `SettingsInvalid` naming each variable."""
+    """Read the environment (plus overrides); raise `SettingsInvalid` naming each variable.
+
+    Secrets can come from files: `IOTMETER_<NAME>_FILE`, or a folder of files named like the
+    variables in lower case (`IOTMETER_SECRETS_DIR`, pydantic-settings' secrets directory)."""
+    overrides = {**_values_from_files(), **overrides}
+    secrets_dir = os.environ.get(SECRETS_DIR_VARIABLE) or None
     try:
-        return Settings(**overrides)
+        return Settings(_secrets_dir=secrets_dir, **overrides)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

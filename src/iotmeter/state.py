@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from iotmeter.api.ratelimit import RateLimits
 from iotmeter.config import Settings
 from iotmeter.db.engine import Database
 from iotmeter.ingest.broker import BrokerAddress
@@ -33,8 +34,14 @@ class AppState:
     collector: Collector | None = None
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
     device_listeners: list[Callable[[Iterable[str]], None]] = field(default_factory=list)
+    rate_limits: RateLimits = field(init=False)
     """Told the ids of devices the API changed or deleted, once the change is committed (the
     collector's cache of device types)."""
+
+    def __post_init__(self) -> None:
+        self.rate_limits = RateLimits(
+            self.settings.rate_limit_per_key, self.settings.rate_limit_per_address
+        )
 
     def devices_changed(self, device_ids: Iterable[str]) -> None:
         ids = set(device_ids)

@@ -11,6 +11,7 @@ from asgi_lifespan import LifespanManager
 
 from iotmeter.app import create_app
 from iotmeter.config import Settings
+from tests.conftest import auth_headers
 from tests.fixtures.services import Mosquitto, running_mosquitto
 from tests.fixtures.waiting import eventually
 
@@ -27,7 +28,9 @@ async def start_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://iotmeter") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://iotmeter", headers=await auth_headers(settings)
+        ) as client:
             await eventually(
                 lambda: client.get("/ready"),
                 lambda response: response.status_code == 200,

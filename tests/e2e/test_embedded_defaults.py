@@ -24,6 +24,7 @@ def embedded_settings(tmp_path: Path, port: int, **overrides: object) -> Setting
         "database_url": f"sqlite+aiosqlite:///{tmp_path}/iotmeter.db",
         "archive_dir": tmp_path / "archive",
         "spool_dir": tmp_path / "spool",
+        "auth_bootstrap_file": tmp_path / "admin.key",
         "mqtt_embedded_port": port,
         "batch_max_delay_s": 0.05,
     }

@@ -80,7 +80,7 @@ async def pipeline(
     app = AppProcess(env, workdir)
     await app.start("ready")
     try:
-        async with httpx.AsyncClient(base_url=app.base_url, timeout=10) as api:
+        async with httpx.AsyncClient(base_url=app.base_url, timeout=10, headers=app.headers) as api:
             yield Pipeline(app, broker, api)
         assert app.alive, f"the app died:\n{app.log_tail()}"
         log = app.log_path.read_text(errors="replace")

@@ -67,12 +67,15 @@ async def test_each_rejection_is_dead_lettered_counted_and_good_messages_stored(
         for reason, (topic, payload) in BAD.items():
             letter = by_reason[reason]
             assert letter["topic"] == topic, reason
-            stored = (
-                letter["payload"].encode()
-                if letter["payload_encoding"] == "utf-8"
-                else base64.b64decode(letter["payload"])
-            )
+            stored = (await api.get(letter["payload_url"])).content
             assert stored == payload, reason
+            preview = (
+                letter["payload_preview"].encode()
+                if letter["payload_encoding"] == "utf-8"
+                else base64.b64decode(letter["payload_preview"])
+            )
+            assert payload.startswith(preview), reason
+            assert len(preview) == min(len(payload), 256), reason
             assert letter["detail"], reason
         stats = await eventually(
             lambda: api.get("/api/v1/stats"),

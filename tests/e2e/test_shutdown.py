@@ -97,7 +97,9 @@ def apps(tmp_path: Path) -> Iterator[Callable[..., AppProcess]]:
 async def readiness(app: AppProcess) -> tuple[int, dict[str, Any]]:
     """`/ready`: (status code, body); (0, {}) while the app does not answer."""
     try:
-        async with httpx.AsyncClient(base_url=app.base_url, timeout=5.0) as client:
+        async with httpx.AsyncClient(
+            base_url=app.base_url, timeout=5.0, headers=app.headers
+        ) as client:
             response = await client.get("/ready")
     except httpx.HTTPError:
         return 0, {}

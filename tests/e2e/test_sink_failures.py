@@ -96,7 +96,8 @@ async def test_a_record_refused_for_good_is_dead_lettered_and_the_rest_stored(
             what="the refused record in the dead-letter store",
         )
         letter = letters.json()["items"][0]
-        assert letter["payload"] == '{"seq": 1, "t": true}'
+        assert letter["payload_preview"] == '{"seq": 1, "t": true}'
+        assert (await api.get(letter["payload_url"])).content == b'{"seq": 1, "t": true}'
         assert "timeseries store refused it" in letter["detail"]
         latest = await eventually(
             lambda: api.get("/api/v1/devices/conflict-1/latest"),

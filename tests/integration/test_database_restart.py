@@ -13,7 +13,7 @@ from asgi_lifespan import LifespanManager
 
 from iotmeter.app import create_app
 from iotmeter.db.migrate import upgrade_async
-from tests.conftest import make_settings
+from tests.conftest import auth_headers, make_settings
 from tests.fixtures.postgres import PrivatePostgres, running_private_postgres
 
 DEVICES = "/api/v1/devices"
@@ -34,10 +34,13 @@ def postgres() -> Iterator[PrivatePostgres]:
 @pytest.fixture
 async def api(postgres: PrivatePostgres, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     await upgrade_async(postgres.url)
-    app = create_app(make_settings(postgres.url, tmp_path))
+    settings = make_settings(postgres.url, tmp_path)
+    app = create_app(settings)
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://iotmeter") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://iotmeter", headers=await auth_headers(settings)
+        ) as client:
             yield client
 
 

@@ -342,7 +342,7 @@ async def test_patch_null_for_a_required_field_is_rejected(api: httpx.AsyncClien
         assert response.status_code == 422, field
         error = error_of(response)
         assert error["code"] == "validation_failed"
-        assert f"{field} cannot be null" in error["message"]
+        assert f"body.{field}: cannot be null" in error["message"]
     assert (await api.get(f"{DEVICES}/t-1")).json() == original
 
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from iotmeter.app import BackgroundTask, create_app
 from iotmeter.config import Settings
 from iotmeter.state import AppState
-from tests.conftest import make_settings
+from tests.conftest import auth_headers, make_settings
 
 
 @pytest.fixture
@@ -35,10 +35,12 @@ async def runs_until_cancelled(_state: AppState) -> None:
 
 
 @asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+async def running(app: FastAPI, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://iotmeter") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://iotmeter", headers=await auth_headers(settings)
+        ) as client:
             yield client
 
 
@@ -65,7 +67,8 @@ async def test_ready_with_the_database_up(api: httpx.AsyncClient, settings: Sett
     expected_dialect = "sqlite" if settings.is_sqlite else "postgresql"
     assert body["backends"]["database"] == {"status": "up", "detail": expected_dialect}
     assert all(item["status"] == "up" for item in body["backends"].values()), body
-    assert body["tasks"] == {}
+    assert set(body["tasks"]) == {"housekeeping"}
+    assert body["tasks"]["housekeeping"]["status"] == "up"
 
 
 @pytest.mark.parametrize("app_tasks", [{"exploder": crashes}], indirect=True)
@@ -116,8 +119,9 @@ async def test_shutdown_cancels_the_tasks(sqlite_url: str, tmp_path: Path) -> No
             seen.append("cancelled")
             raise
 
-    app = create_app(make_settings(sqlite_url, tmp_path), extra_tasks={"waiter": waits})
-    async with running(app) as client:
+    settings = make_settings(sqlite_url, tmp_path)
+    app = create_app(settings, extra_tasks={"waiter": waits})
+    async with running(app, settings) as client:
         await asyncio.wait_for(started.wait(), 10)
         ready = await client.get("/ready")
         assert ready.json()["tasks"]["waiter"]["status"] == "up"
@@ -150,7 +154,7 @@ PREFLIGHT = {"Origin": "http://example.com", "Access-Control-Request-Method": "G
 
 async def test_cors_allows_the_configured_origin(sqlite_url: str, tmp_path: Path) -> None:
     settings = make_settings(sqlite_url, tmp_path, cors_origins=["http://example.com"])
-    async with running(create_app(settings)) as client:
+    async with running(create_app(settings), settings) as client:
         preflight = await client.options("/api/v1/devices", headers=PREFLIGHT)
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "http://example.com"
@@ -166,7 +170,8 @@ async def test_cors_allows_the_configured_origin(sqlite_url: str, tmp_path: Path
 
 
 async def test_cors_is_off_by_default(sqlite_url: str, tmp_path: Path) -> None:
-    async with running(create_app(make_settings(sqlite_url, tmp_path))) as client:
+    settings = make_settings(sqlite_url, tmp_path)
+    async with running(create_app(settings), settings) as client:
         preflight = await client.options("/api/v1/devices", headers=PREFLIGHT)
         assert "access-control-allow-origin" not in preflight.headers
 
@@ -182,12 +187,13 @@ async def test_starts_on_the_embedded_defaults_and_migrates_sqlite_itself(
     settings = Settings(
         database_url=f"sqlite+aiosqlite:///{database}",
         archive_dir=tmp_path / "archive",
+        auth_bootstrap_file=tmp_path / "admin.key",
         collector_enabled=False,
     )
     assert settings.database_auto_migrate is None
     assert not database.exists()
 
-    async with running(create_app(settings)) as client:
+    async with running(create_app(settings), settings) as client:
         listed = await client.get("/api/v1/devices")
         assert listed.status_code == 200, listed.text
         assert listed.json()["total"] == 0
@@ -199,6 +205,6 @@ async def test_starts_on_the_embedded_defaults_and_migrates_sqlite_itself(
     assert database.is_file()
 
     # A second start on the same file (already at head) keeps the data.
-    async with running(create_app(settings)) as client:
+    async with running(create_app(settings), settings) as client:
         devices = (await client.get("/api/v1/devices")).json()
         assert [item["id"] for item in devices["items"]] == ["d1"]

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotmeter.api.timerange import format_time, parse_instant_us
+from iotmeter.api.timerange import MAX_EPOCH_US, format_time, parse_instant_us
+from iotmeter.errors import ValidationFailed
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FIRST_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
@@ -38,7 +39,27 @@ def test_format_time_is_the_isoformat_of_the_instant(epoch_us: int) -> None:
     moment = EPOCH + timedelta(microseconds=epoch_us)
     expected = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
     assert format_time(epoch_us) == expected
+
+
+@given(st.integers(min_value=0, max_value=MAX_EPOCH_US))
+def test_every_time_the_api_takes_reads_back_as_itself(epoch_us: int) -> None:
     assert parse_instant_us(format_time(epoch_us), "start", 0) == epoch_us
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1969-12-31T23:59:59.999999Z",
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "2262-04-11T23:47:16.854776Z",
+        "-99999999999d",
+    ],
+)
+def test_a_time_outside_what_stores_hold_is_refused_naming_the_range(text: str) -> None:
+    with pytest.raises(ValidationFailed, match="between 1970-01-01T00:00:00Z and 2262-04-11"):
+        parse_instant_us(text, "start", 1_800_000_000_000_000)
 
 
 @pytest.mark.parametrize("epoch_us", [FIRST_US - 1, LAST_US + 1])

@@ -8,9 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from iotmeter.api.openapi import allowed_methods
+from iotmeter.api.schemas import ErrorResponse
 from iotmeter.errors import IotmeterError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,22 @@ _HTTP_CODES = {
     422: "validation_failed",
     429: "too_many_requests",
 }
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("Malformed request (bad JSON, a value out of range); the message says what"),
+    401: _error("No API key, or one that is unknown, revoked or expired"),
+    403: _error("The key's role may not do this"),
+    413: _error("The body is over IOTMETER_HTTP_MAX_BODY_BYTES"),
+    422: _error("A value the API does not take; the message says what to fix"),
+    429: _error("Too many requests; wait for Retry-After seconds"),
+    503: _error("A backend (database, store) is unavailable; try again"),
+}
+"""What every `/api/v1` operation can answer besides its own answers (declared in OpenAPI)."""
 
 
 def error_response(
@@ -48,6 +66,8 @@ def _describe(error: dict[str, Any]) -> dict[str, Any]:
         message = "unknown field; remove it (see the schema at /docs)"
     elif error.get("type") == "missing":
         message = "required field is missing"
+    elif "input" in error and error["input"] is None and location.startswith("body."):
+        message = "cannot be null; leave it out to keep its value"
     return {"location": location, "message": message}
 
 
@@ -62,18 +82,26 @@ async def _iotmeter_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, IotmeterError)
     if exc.status_code >= 500:
         logger.error("request failed: %s", exc.message)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details)
+    headers: dict[str, str] | None = getattr(exc, "headers", None)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
 
 
-async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
+async def _http_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "server_error")
     message = str(exc.detail)
+    headers = getattr(exc, "headers", None)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.url.path}; see /docs for the API"
     elif exc.status_code == 405:
+        allowed = allowed_methods(request.app, request.url.path)
+        if request.method == "OPTIONS" and allowed:
+            # What this resource takes (RFC 9110): the methods of every route on the path.
+            return Response(status_code=204, headers={"Allow": ", ".join(allowed)})
         message = f"{request.method} is not allowed on {request.url.path}; see /docs"
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        if allowed:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+    return error_response(exc.status_code, code, message, headers=headers)
 
 
 async def _unexpected_handler(_request: Request, exc: Exception) -> JSONResponse:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
+import orjson
+from fastapi import Query
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -15,6 +17,61 @@ from pydantic import (
 )
 
 from iotmeter.ids import DEVICE_ID_PATTERN, DEVICE_TYPE_PATTERN
+
+MAX_ID = 2**63 - 1
+"""Largest id a row can have (a signed 64-bit integer on every database)."""
+MAX_OFFSET = 2**31 - 1
+Offset = Annotated[
+    int, Query(ge=0, le=MAX_OFFSET, description=f"Items to skip (at most {MAX_OFFSET}).")
+]
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of a JSON value the API stores (device metadata, config values)."""
+MAX_METADATA_BYTES = 64 * 1024
+MAX_CONFIG_VALUE_BYTES = 64 * 1024
+MAX_CONFIG_KEYS = 1000
+"""Configuration keys one device may have."""
+
+
+def _refuse_nul_and_depth(value: Any, depth: int = 0) -> None:
+    """ValueError for a NUL character in any string or key, or nesting past `MAX_JSON_DEPTH`:
+    PostgreSQL cannot store NUL in text or JSON, and deep values break readers later."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("contains a NUL character (\\u0000); remove it")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{value} is beyond a 64-bit integer; send it as a string or a float")
+    elif isinstance(value, (dict, list)):
+        if depth >= MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels; flatten it")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and "\x00" in key:
+                raise ValueError("a key contains a NUL character (\\u0000); remove it")
+            _refuse_nul_and_depth(item, depth + 1)
+
+
+def _json_size_limit(limit: int, what: str) -> AfterValidator:
+    def check(value: Any) -> Any:
+        size = len(orjson.dumps(value))
+        if size > limit:
+            raise ValueError(f"{what} is {size} bytes as JSON, at most {limit} are kept")
+        return value
+
+    return AfterValidator(check)
+
+
+Metadata = Annotated[
+    dict[str, Any],
+    _json_size_limit(MAX_METADATA_BYTES, "metadata"),
+    Field(description=f"Any JSON object, at most {MAX_METADATA_BYTES} bytes."),
+]
+ConfigJson = Annotated[
+    Any,
+    AfterValidator(lambda value: _refuse_nul_and_depth(value) or value),
+    _json_size_limit(MAX_CONFIG_VALUE_BYTES, "the value"),
+    Field(description=f"Any JSON value, at most {MAX_CONFIG_VALUE_BYTES} bytes."),
+]
 
 
 def _not_dot_segment(value: str) -> str:
@@ -58,10 +115,26 @@ def _finite(value: float | None) -> float | None:
 FiniteFloat = Annotated[float | None, AfterValidator(_finite)]
 
 
-class InputModel(BaseModel):
-    """Base of request bodies: unknown fields are an error, not silently dropped."""
+NAME_PATTERN = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+"""Something besides white space (which is stripped), and no NUL."""
+DisplayName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, strip_whitespace=True, pattern=NAME_PATTERN),
+]
 
-    model_config = ConfigDict(extra="forbid")
+
+class InputModel(BaseModel):
+    """Base of request bodies: unknown fields are an error, not silently dropped; types are
+    strict (`false` is not 0.0, `"1"` is not 1); no string holds NUL; no value nests past
+    `MAX_JSON_DEPTH`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_text(cls, data: Any) -> Any:
+        _refuse_nul_and_depth(data)
+        return data
 
 
 class OutputModel(BaseModel):
@@ -70,35 +143,27 @@ class OutputModel(BaseModel):
 
 class DeviceCreate(InputModel):
     id: DeviceId
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    name: DisplayName
     type: DeviceType
     location: Annotated[str, StringConstraints(max_length=200)] | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     status: DeviceStatus = "active"
 
 
+_NOT_GIVEN: Any = None
+"""The default of a field that may be left out but not set to null (`model_fields_set` tells
+which were given)."""
+
+
 class DeviceUpdate(InputModel):
-    """Partial update: only the fields given are changed (`null` clears `location`)."""
+    """Partial update: only the fields given are changed; `null` clears `location` (the other
+    fields cannot be null, and the schema says so)."""
 
-    name: (
-        Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-        | None
-    ) = None
-    type: DeviceType | None = None
+    name: DisplayName = _NOT_GIVEN
+    type: DeviceType = _NOT_GIVEN
     location: Annotated[str, StringConstraints(max_length=200)] | None = None
-    metadata: dict[str, Any] | None = None
-    status: DeviceStatus | None = None
-
-    @model_validator(mode="after")
-    def _no_null_for_required(self) -> DeviceUpdate:
-        nulled = sorted(
-            name
-            for name in self.model_fields_set
-            if getattr(self, name) is None and name != "location"
-        )
-        if nulled:
-            raise ValueError(f"{', '.join(nulled)} cannot be null (only location can be cleared)")
-        return self
+    metadata: Metadata = _NOT_GIVEN
+    status: DeviceStatus = _NOT_GIVEN
 
 
 class DeviceRead(OutputModel):
@@ -124,7 +189,7 @@ class Page(BaseModel, Generic[ItemT]):
 
 
 class ConfigValue(InputModel):
-    value: Any = Field(description="Any JSON value.")
+    value: ConfigJson
 
 
 class ConfigRead(OutputModel):
@@ -180,5 +245,9 @@ class ReadinessItem(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
-    backends: dict[str, ReadinessItem]
-    tasks: dict[str, ReadinessItem]
+    backends: dict[str, ReadinessItem] | None = Field(
+        None, description="Each backend's state: only for a caller with a key."
+    )
+    tasks: dict[str, ReadinessItem] | None = Field(
+        None, description="Each background task's state: only for a caller with a key."
+    )

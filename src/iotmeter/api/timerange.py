@@ -19,6 +19,9 @@ _UNIT_US = {
     "w": 604_800_000_000,
 }
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_EPOCH_US = 9_223_372_036_854_775  # 2262-04-11T23:47:16Z: InfluxDB's last nanosecond
+"""Times the API takes lie in [1970-01-01, 2262-04-11]: what every store can hold."""
+_RANGE_TEXT = "between 1970-01-01T00:00:00Z and 2262-04-11T23:47:16Z"
 
 
 def parse_duration_us(text: str, name: str) -> int:
@@ -29,7 +32,12 @@ def parse_duration_us(text: str, name: str) -> int:
             f"{name}={text!r} is not a duration; use a positive number and a unit "
             "(us, ms, s, m, h, d, w), e.g. 1m or 15m"
         )
-    return int(match.group(1)) * _UNIT_US[match.group(2)]
+    duration_us = int(match.group(1)) * _UNIT_US[match.group(2)]
+    if duration_us > MAX_EPOCH_US:
+        raise ValidationFailed(
+            f"{name}={text!r} is longer than any range the API holds (times lie {_RANGE_TEXT})"
+        )
+    return duration_us
 
 
 def to_epoch_us(moment: datetime) -> int:
@@ -44,19 +52,26 @@ def parse_instant_us(text: str, name: str, now_us: int) -> int:
     """An RFC 3339 time with zone, `now`, or a time relative to now like `-1h`."""
     text = text.strip()
     if text == "now":
-        return now_us
-    if text.startswith("-"):
-        return now_us - parse_duration_us(text[1:], name)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        raise ValidationFailed(
-            f"{name}={text!r} is not a time; use RFC 3339 with a zone "
-            "(2026-01-01T00:00:00Z), `now`, or a relative time like -1h"
-        )
-    return to_epoch_us(moment)
+        epoch_us = now_us
+    elif text.startswith("-"):
+        epoch_us = now_us - parse_duration_us(text[1:], name)
+    else:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise ValidationFailed(
+                f"{name}={text!r} is not a time; use RFC 3339 with a zone "
+                "(2026-01-01T00:00:00Z), `now`, or a relative time like -1h"
+            )
+        try:
+            epoch_us = to_epoch_us(moment)
+        except OverflowError:  # a zone offset that moves year 1 or 9999 out of range
+            epoch_us = -1
+    if not 0 <= epoch_us <= MAX_EPOCH_US:
+        raise ValidationFailed(f"{name}={text!r} is out of range; give a time {_RANGE_TEXT}")
+    return epoch_us
 
 
 @lru_cache(maxsize=64)

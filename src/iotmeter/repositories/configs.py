@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -69,6 +69,28 @@ class ConfigRepository:
             .returning(DeviceConfig.key)
         )
         return deleted is not None
+
+    async def count(self, device_id: str) -> int:
+        count = await self.session.scalar(
+            select(func.count())
+            .select_from(DeviceConfig)
+            .where(DeviceConfig.device_id == device_id)
+        )
+        return count or 0
+
+    async def insert_many(self, device_id: str, values: dict[str, Any]) -> None:
+        """New keys, in one multi-row INSERT (the caller deleted what was there)."""
+        if not values:
+            return
+        now = utcnow()
+        await self.session.execute(
+            insert(DeviceConfig).values(
+                [
+                    {"device_id": device_id, "key": key, "value": value, "updated_at": now}
+                    for key, value in values.items()
+                ]
+            )
+        )
 
     async def delete_all(self, device_id: str) -> None:
         await self.session.execute(delete(DeviceConfig).where(DeviceConfig.device_id == device_id))

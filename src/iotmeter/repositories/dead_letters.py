@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -57,7 +58,8 @@ class DeadLetterRepository:
 
     async def list(
         self, *, reason: str | None, device_id: str | None, limit: int, offset: int
-    ) -> tuple[Sequence[DeadLetter], int]:
+    ) -> tuple[Sequence[DeadLetterSummary], int]:
+        """A page, newest first; each row with the head of its payload only (`PREVIEW_BYTES`)."""
         conditions = []
         if reason is not None:
             conditions.append(DeadLetter.reason == reason)
@@ -66,11 +68,71 @@ class DeadLetterRepository:
         total = await self.session.scalar(
             select(func.count()).select_from(DeadLetter).where(*conditions)
         )
-        rows = await self.session.scalars(
-            select(DeadLetter)
+        rows = await self.session.execute(
+            _summary()
             .where(*conditions)
             .order_by(DeadLetter.received_at.desc(), DeadLetter.id.desc())
             .limit(limit)
             .offset(offset)
         )
-        return rows.all(), total or 0
+        return [DeadLetterSummary._make(row) for row in rows], total or 0
+
+    async def summary(self, letter_id: int) -> DeadLetterSummary | None:
+        row = (await self.session.execute(_summary().where(DeadLetter.id == letter_id))).first()
+        return None if row is None else DeadLetterSummary._make(row)
+
+    async def payload(self, letter_id: int) -> bytes | None:
+        payload: bytes | None = await self.session.scalar(
+            select(DeadLetter.payload).where(DeadLetter.id == letter_id)
+        )
+        return payload
+
+    async def expire(self, *, older_than: datetime, keep_newest: int) -> int:
+        """Delete dead letters received before `older_than`, then all but the newest
+        `keep_newest`; the number deleted."""
+        result = await self.session.execute(
+            delete(DeadLetter).where(DeadLetter.received_at < older_than)
+        )
+        deleted = _rowcount(result)
+        cutoff = await self.session.scalar(
+            select(DeadLetter.id).order_by(DeadLetter.id.desc()).offset(keep_newest).limit(1)
+        )
+        if cutoff is not None:
+            result = await self.session.execute(delete(DeadLetter).where(DeadLetter.id <= cutoff))
+            deleted += _rowcount(result)
+        return deleted
+
+
+def _rowcount(result: object) -> int:
+    count = getattr(result, "rowcount", 0)
+    return count if isinstance(count, int) and count > 0 else 0
+
+
+PREVIEW_BYTES = 256
+"""Bytes of the payload a listing shows; the whole stored payload is one request away."""
+
+
+class DeadLetterSummary(NamedTuple):
+    id: int
+    received_at: datetime
+    topic: str
+    device_id: str | None
+    reason: str
+    detail: str
+    preview: bytes
+    stored_size: int
+    payload_size: int | None
+
+
+def _summary() -> Select[tuple[int, datetime, str, str | None, str, str, bytes, int, int | None]]:
+    return select(
+        DeadLetter.id,
+        DeadLetter.received_at,
+        DeadLetter.topic,
+        DeadLetter.device_id,
+        DeadLetter.reason,
+        DeadLetter.detail,
+        func.substr(DeadLetter.payload, 1, PREVIEW_BYTES),
+        func.length(DeadLetter.payload),
+        DeadLetter.payload_size,
+    )

@@ -109,9 +109,20 @@ async def get_config(session: AsyncSession, device_id: str, key: str) -> DeviceC
     return config
 
 
-async def put_config(session: AsyncSession, device_id: str, key: str, value: Any) -> DeviceConfig:
+async def put_config(
+    session: AsyncSession, device_id: str, key: str, value: Any, *, max_keys: int
+) -> DeviceConfig:
+    """Set one key; `Conflict` when it is new and the device has `max_keys` already."""
     await get_device(session, device_id)
-    return await ConfigRepository(session).put(device_id, key, value)
+    repository = ConfigRepository(session)
+    if await repository.get(device_id, key) is None:
+        await repository.lock(device_id)  # so two new keys at once cannot pass the cap
+        if await repository.count(device_id) >= max_keys:
+            raise Conflict(
+                f"device {device_id!r} has {max_keys} config keys, the most allowed; "
+                "delete one or replace the whole configuration"
+            )
+    return await repository.put(device_id, key, value)
 
 
 async def delete_config(session: AsyncSession, device_id: str, key: str) -> None:
@@ -129,6 +140,5 @@ async def replace_configs(
     # Without the lock, two replacements at once could leave a mix of both bodies.
     await repository.lock(device_id)
     await repository.delete_all(device_id)
-    for key, value in values.items():
-        await repository.put(device_id, key, value)
+    await repository.insert_many(device_id, values)
     return await repository.list(device_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -9,13 +10,16 @@ from fastapi import APIRouter, Path, Query, Response, status
 
 from iotmeter.api.deps import SessionDep
 from iotmeter.api.schemas import (
+    MAX_ID,
     AlertCreate,
     AlertRead,
     AlertSeverity,
     AlertStatus,
     ErrorResponse,
+    Offset,
     Page,
 )
+from iotmeter.api.timerange import from_epoch_us, parse_instant_us
 from iotmeter.errors import ValidationFailed
 from iotmeter.repositories.alerts import AlertRepository
 from iotmeter.services import alerts as service
@@ -23,12 +27,16 @@ from iotmeter.services import alerts as service
 MAX_PAGE = 500
 
 router = APIRouter(prefix="/alerts", tags=["alerts"])
-AlertIdPath = Annotated[int, Path(ge=1, description="The alert id.")]
+AlertIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="The alert id.")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}}
 TRANSITION: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse},
     409: {"model": ErrorResponse, "description": "Illegal transition"},
 }
+
+
+def _moment(text: str | None, name: str, now_us: int) -> datetime | None:
+    return None if text is None else from_epoch_us(parse_instant_us(text, name, now_us))
 
 
 @router.get("", summary="List alerts")
@@ -38,24 +46,27 @@ async def list_alerts(
     status: AlertStatus | None = None,
     severity: AlertSeverity | None = None,
     since: Annotated[
-        datetime | None, Query(description="Created at or after (RFC 3339, with zone).")
+        str | None,
+        Query(description="Created at or after: RFC 3339 with a zone, `now` or relative (-1h)."),
     ] = None,
-    until: Annotated[datetime | None, Query(description="Created before (RFC 3339).")] = None,
+    until: Annotated[
+        str | None, Query(description="Created before: RFC 3339, `now` or relative.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[AlertRead]:
     """Newest first."""
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and value.tzinfo is None:
-            raise ValidationFailed(f"{name} needs a time zone, e.g. 2026-01-01T00:00:00Z")
-    if since and until and since >= until:
+    now_us = time.time_ns() // 1000
+    since_at = _moment(since, "since", now_us)
+    until_at = _moment(until, "until", now_us)
+    if since_at and until_at and since_at >= until_at:
         raise ValidationFailed("since must be before until")
     rows, total = await AlertRepository(session).list(
         device_id=device_id,
         status=status,
         severity=severity,
-        since=since,
-        until=until,
+        since=since_at,
+        until=until_at,
         limit=limit,
         offset=offset,
     )

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Body, Path, Query, Response, status
 
 from iotmeter.api.deps import SessionDep, StateDep
 from iotmeter.api.schemas import (
+    MAX_CONFIG_KEYS,
+    ConfigJson,
     ConfigKey,
     ConfigRead,
     ConfigValue,
@@ -17,8 +19,10 @@ from iotmeter.api.schemas import (
     DeviceType,
     DeviceUpdate,
     ErrorResponse,
+    Offset,
     Page,
 )
+from iotmeter.errors import ValidationFailed
 from iotmeter.repositories.devices import DeviceReader
 from iotmeter.services import devices as service
 
@@ -28,7 +32,6 @@ router = APIRouter(prefix="/devices", tags=["devices"])
 DeviceIdPath = Annotated[str, Path(description="The device id.", max_length=64)]
 KeyPath = Annotated[ConfigKey, Path(description="The configuration key.")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size (at most {MAX_PAGE}).")]
-Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}}
 
 
@@ -112,11 +115,18 @@ async def replace_configs(
     device_id: DeviceIdPath,
     session: SessionDep,
     values: Annotated[
-        dict[ConfigKey, Any],
-        Body(description="The complete configuration: key -> any JSON value."),
+        dict[ConfigKey, ConfigJson],
+        Body(
+            description="The complete configuration: key -> any JSON value "
+            f"(at most {MAX_CONFIG_KEYS} keys)."
+        ),
     ],
 ) -> list[ConfigRead]:
     """Keys not in the body are deleted."""
+    if len(values) > MAX_CONFIG_KEYS:
+        raise ValidationFailed(
+            f"{len(values)} config keys given, at most {MAX_CONFIG_KEYS} per device"
+        )
     rows = await service.replace_configs(session, device_id, values)
     return [ConfigRead.model_validate(row) for row in rows]
 
@@ -126,11 +136,16 @@ async def get_config(device_id: DeviceIdPath, key: KeyPath, session: SessionDep)
     return ConfigRead.model_validate(await service.get_config(session, device_id, key))
 
 
-@router.put("/{device_id}/configs/{key}", responses=NOT_FOUND, summary="Set one config key")
+@router.put(
+    "/{device_id}/configs/{key}",
+    responses={**NOT_FOUND, 409: {"model": ErrorResponse}},
+    summary="Set one config key",
+)
 async def put_config(
     device_id: DeviceIdPath, key: KeyPath, body: ConfigValue, session: SessionDep
 ) -> ConfigRead:
-    return ConfigRead.model_validate(await service.put_config(session, device_id, key, body.value))
+    config = await service.put_config(session, device_id, key, body.value, max_keys=MAX_CONFIG_KEYS)
+    return ConfigRead.model_validate(config)
 
 
 @router.delete(

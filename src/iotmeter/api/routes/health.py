@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from iotmeter.api.auth import Principal, optional_principal
 from iotmeter.api.deps import StateDep
 from iotmeter.api.schemas import Health, Readiness, ReadinessItem
 from iotmeter.errors import BackendUnavailable
@@ -37,8 +39,11 @@ async def _check(check: HealthCheck) -> ReadinessItem:
     summary="Every backend and background task is up",
     responses={503: {"model": Readiness, "description": "Something is down"}},
 )
-async def ready(state: StateDep) -> JSONResponse:
-    """200 when every backend answers and every background task runs; 503 otherwise."""
+async def ready(
+    state: StateDep, principal: Annotated[Principal | None, Depends(optional_principal)]
+) -> JSONResponse:
+    """200 when every backend answers and every background task runs; 503 otherwise. The
+    details (which backend or task, and why) only for a caller with a key (any role)."""
     names = list(state.health_checks)
     results = await asyncio.gather(*(_check(state.health_checks[name]) for name in names))
     backends = dict(zip(names, results, strict=True))
@@ -53,5 +58,9 @@ async def ready(state: StateDep) -> JSONResponse:
             tasks[name] = ReadinessItem(status="down", detail=detail)
     items = [*backends.values(), *tasks.values()]
     is_ready = all(item.status != "down" for item in items)
-    body = Readiness(status="ready" if is_ready else "not_ready", backends=backends, tasks=tasks)
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if is_ready else 503)
+    status = "ready" if is_ready else "not_ready"
+    code = 200 if is_ready else 503
+    if principal is None:
+        return JSONResponse({"status": status}, status_code=code)
+    body = Readiness(status=status, backends=backends, tasks=tasks)
+    return JSONResponse(body.model_dump(mode="json"), status_code=code)

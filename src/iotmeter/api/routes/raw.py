@@ -45,7 +45,9 @@ async def device_raw(
     start: Annotated[str, Query(description="RFC 3339, `now` or relative like -1h.")] = "-1h",
     stop: Annotated[str, Query(description="RFC 3339, `now` or relative.")] = "now",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    after: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    after: Annotated[
+        str | None, Query(max_length=512, description="`next_cursor` of the previous page.")
+    ] = None,
 ) -> RawPage:
     """Oldest first. Each document holds the topic, receive time and the payload as received."""
     await require_device(state, device_id)

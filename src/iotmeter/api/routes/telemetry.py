@@ -15,7 +15,7 @@ from iotmeter.api.deps import StateDep, require_device
 from iotmeter.api.schemas import ErrorResponse
 from iotmeter.api.timerange import format_time, parse_duration_us, parse_instant_us
 from iotmeter.errors import ValidationFailed
-from iotmeter.ids import FIELD_NAME_RE
+from iotmeter.ids import DEVICE_ID_RE, FIELD_NAME_RE
 from iotmeter.services.telemetry import check_point_count, plan_query
 from iotmeter.storage.timeseries.base import AGGREGATES, Aggregate, SeriesPoint
 
@@ -204,6 +204,11 @@ async def latest_many(
     if len(ids) > MAX_LATEST_DEVICES:
         raise ValidationFailed(
             f"device_ids: {len(ids)} given, at most {MAX_LATEST_DEVICES}; split the request"
+        )
+    bad = next((name for name in ids if not DEVICE_ID_RE.fullmatch(name)), None)
+    if bad is not None:
+        raise ValidationFailed(
+            f"device_ids: {bad[:80]!r} is not a device id (1-64 letters, digits, '-', '_' or '.')"
         )
     latest = await state.timeseries.latest(ids)
     return LatestMany(devices={name: _latest_values(points) for name, points in latest.items()})

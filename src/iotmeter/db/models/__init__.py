@@ -1,12 +1,16 @@
 """ORM models; importing this package registers every table on `Base.metadata`."""
 
 from iotmeter.db.models.alert import DeviceAlert
+from iotmeter.db.models.api_key import ApiKey
+from iotmeter.db.models.audit import AuditEntry
 from iotmeter.db.models.dead_letter import DeadLetter
 from iotmeter.db.models.device import Device
 from iotmeter.db.models.device_config import DeviceConfig
 from iotmeter.db.models.telemetry import LatestPoint, TelemetryPoint
 
 __all__ = [
+    "ApiKey",
+    "AuditEntry",
     "DeadLetter",
     "Device",
     "DeviceAlert",

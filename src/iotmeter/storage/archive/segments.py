@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from iotmeter.errors import NotFound
+from iotmeter.errors import NotFound, ValidationFailed
 from iotmeter.readings import ReadingSet, format_key_time
 from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage, ArchiveStore
 from iotmeter.storage.archive.document import encode_archive_document, key_bound, parse_key
@@ -104,16 +104,22 @@ def _cursor(item: _Item) -> str:
     return f"{item.epoch_us}:{item.key}"
 
 
+_CURSOR_TIME = re.compile(r"-?[0-9]{1,18}")
+
+
 def _parse_cursor(after: str | None) -> _Item | None:
     if not after:
         return None
     epoch, separator, key = after.partition(":")
-    if not separator or not epoch.lstrip("-").isdigit():
+    if not separator or not _CURSOR_TIME.fullmatch(epoch):
         # A plain key (a cursor of the per-message store): its time is in the key.
         try:
             return _Item(parse_key(after)[1], after)
         except ValueError:
-            return None
+            raise ValidationFailed(
+                f"after={after[:80]!r} is not a cursor; pass the `next_cursor` of the "
+                "previous page as it was given"
+            ) from None
     return _Item(int(epoch), key)
 
 

@@ -8,6 +8,7 @@ upsert on the primary key, so replaying a batch changes nothing.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -17,10 +18,12 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from iotmeter.db.engine import Database
+from iotmeter.db.engine import Database, is_unavailable, unavailable
 from iotmeter.errors import BackendUnavailable, IotmeterError, ValidationFailed
 from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries.base import SeriesPoint, SeriesQuery
+
+logger = logging.getLogger(__name__)
 
 # One statement, one round trip, the arrays sent once: the points are upserted and the newest
 # point per device and field moves `telemetry_latest` (a CTE that writes runs exactly once).
@@ -70,6 +73,16 @@ def _translated(exc: asyncpg.PostgresError) -> IotmeterError:
     if state[:2] == "42":
         message += " (is the schema up to date? run `iotmeter migrate`)"
     return BackendUnavailable(message)
+
+
+def _query_failed(exc: BaseException) -> IotmeterError:
+    """A failed query as the project's error, without the SQL text or its parameters (they
+    belong in the log, never in a response): an unreachable database is a 503, anything else
+    a 500 whose cause is logged here."""
+    if is_unavailable(exc):
+        return unavailable(exc)
+    logger.error("time-series query failed", exc_info=exc)
+    return IotmeterError("time-series query failed; see the server log")
 
 
 @lru_cache(maxsize=256)
@@ -221,7 +234,7 @@ class SqlTimeSeriesStore:
                 result = await connection.execute(_statement(sql), params)
                 rows = result.all()
         except (OperationalError, DBAPIError, OSError) as exc:
-            raise BackendUnavailable(f"time-series query failed: {exc}") from exc
+            raise _query_failed(exc) from exc
         return [SeriesPoint(field, int(epoch_us), float(value)) for field, epoch_us, value in rows]
 
     async def latest(self, device_ids: Sequence[str]) -> dict[str, dict[str, SeriesPoint]]:
@@ -240,7 +253,7 @@ class SqlTimeSeriesStore:
                 )
                 rows = result.all()
         except (OperationalError, DBAPIError, OSError) as exc:
-            raise BackendUnavailable(f"time-series query failed: {exc}") from exc
+            raise _query_failed(exc) from exc
         latest: dict[str, dict[str, SeriesPoint]] = {}
         for device_id, field, epoch_us, value in rows:
             latest.setdefault(device_id, {})[field] = SeriesPoint(field, epoch_us, float(value))

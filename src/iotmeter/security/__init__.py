@@ -1,0 +1,1 @@
+"""API keys and roles: what the API and the command line share."""
