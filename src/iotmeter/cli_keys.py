@@ -10,11 +10,12 @@ import time
 
 from iotmeter.api.timerange import from_epoch_us, parse_instant_us
 from iotmeter.config import Settings
+from iotmeter.db.base import utcnow
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.migrate import upgrade_async
 from iotmeter.errors import IotmeterError
 from iotmeter.repositories.api_keys import ApiKeyRepository
-from iotmeter.security.keys import ROLE_NAMES
+from iotmeter.security.keys import ROLE_NAMES, key_status
 from iotmeter.services import keys as service
 
 
@@ -49,14 +50,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
                 expires_at = None
                 if args.expires:
                     now_us = time.time_ns() // 1000
-                    text = args.expires
-                    if text.startswith("+"):
-                        # "+30d": that long from now (parse_instant_us reads "-30d" as the past)
-                        expires_at = from_epoch_us(
-                            2 * now_us - parse_instant_us("-" + text[1:], "--expires", now_us)
-                        )
-                    else:
-                        expires_at = from_epoch_us(parse_instant_us(text, "--expires", now_us))
+                    expires_at = from_epoch_us(parse_instant_us(args.expires, "--expires", now_us))
                 row, key = await service.create_key(
                     session, name=args.name, role=args.role, expires_at=expires_at
                 )
@@ -68,7 +62,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
                 )
             elif args.action == "list":
                 for row in await ApiKeyRepository(session).list():
-                    state = "revoked" if row.revoked_at else "active"
+                    state = key_status(row.expires_at, row.revoked_at, utcnow())
                     expires = row.expires_at.isoformat() if row.expires_at else "never"
                     print(f"{row.key_id}  {row.role:<8}  {state:<7}  expires {expires}  {row.name}")
             else:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from iotmeter.readings import ReadingSet
@@ -14,11 +15,16 @@ class IotmeterError(Exception):
 
     status_code = 500
     code = "internal_error"
+    default_headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    """HTTP headers every answer of this error carries (e.g. `WWW-Authenticate`)."""
 
-    def __init__(self, message: str, *, details: Any = None) -> None:
+    def __init__(
+        self, message: str, *, details: Any = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        self.headers = {**self.default_headers, **(headers or {})}
 
 
 class SettingsInvalid(IotmeterError):

@@ -66,3 +66,9 @@ def test_a_time_outside_what_stores_hold_is_refused_naming_the_range(text: str) 
 def test_format_time_outside_years_1_to_9999_is_an_overflow(epoch_us: int) -> None:
     with pytest.raises(OverflowError):
         format_time(epoch_us)
+
+
+def test_a_time_ahead_of_now_reads_like_one_behind_it() -> None:
+    now_us = 1_800_000_000_000_000
+    assert parse_instant_us("+90d", "expires", now_us) == now_us + 90 * 86_400_000_000
+    assert parse_instant_us("-1h", "start", now_us) == now_us - 3_600_000_000

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from types import MappingProxyType
+from typing import Annotated, Any
 
 import jwt
 from fastapi import Depends, Request, Security
@@ -49,7 +50,7 @@ api_key_scheme = APIKeyHeader(
 class Unauthorized(IotmeterError):
     status_code = 401
     code = "unauthorized"
-    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="iotmeter"'}
+    default_headers = MappingProxyType({"WWW-Authenticate": 'Bearer realm="iotmeter"'})
 
 
 class Forbidden(IotmeterError):
@@ -176,17 +177,12 @@ PrincipalDep = Annotated[Principal, Depends(authorize)]
 
 
 async def optional_principal(request: Request, state: StateDep) -> Principal | None:
-    """For public routes that tell more to a caller with credentials (`/ready`). Reads the
-    headers itself: a public route declares no security scheme in OpenAPI."""
+    """For public routes that tell more to a caller with credentials (`/ready`)."""
     if state.settings.auth == "off":
         return ANONYMOUS_ADMIN
-    api_key = request.headers.get("x-api-key")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    credentials = (
-        HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
-        if scheme.lower() == "bearer" and token.strip()
-        else None
-    )
+    # Called, not declared as dependencies: a public route declares no security scheme.
+    credentials = await bearer_scheme(request)
+    api_key = await api_key_scheme(request)
     if credentials is None and not api_key:
         return None
     try:

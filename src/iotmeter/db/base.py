@@ -53,6 +53,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def rowcount(result: object) -> int:
+    """Rows a DELETE or UPDATE touched (0 where the driver cannot tell)."""
+    count = getattr(result, "rowcount", 0)
+    return count if isinstance(count, int) and count > 0 else 0
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime}

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from iotmeter.db.base import utcnow
+from iotmeter.db.base import rowcount, utcnow
 from iotmeter.db.models import ApiKey, AuditEntry
 
 
@@ -106,8 +106,7 @@ class AuditRepository:
 
     async def expire(self, older_than: datetime) -> int:
         result = await self.session.execute(delete(AuditEntry).where(AuditEntry.at < older_than))
-        count = getattr(result, "rowcount", 0)
-        return count if isinstance(count, int) and count > 0 else 0
+        return rowcount(result)
 
 
 async def revoke(session: AsyncSession, key_id: str) -> bool:

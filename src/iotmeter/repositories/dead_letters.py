@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotmeter.db.base import utcnow
+from iotmeter.db.base import rowcount, utcnow
 from iotmeter.db.models import DeadLetter
 from iotmeter.readings import Rejection
 
@@ -93,19 +93,14 @@ class DeadLetterRepository:
         result = await self.session.execute(
             delete(DeadLetter).where(DeadLetter.received_at < older_than)
         )
-        deleted = _rowcount(result)
+        deleted = rowcount(result)
         cutoff = await self.session.scalar(
             select(DeadLetter.id).order_by(DeadLetter.id.desc()).offset(keep_newest).limit(1)
         )
         if cutoff is not None:
             result = await self.session.execute(delete(DeadLetter).where(DeadLetter.id <= cutoff))
-            deleted += _rowcount(result)
+            deleted += rowcount(result)
         return deleted
-
-
-def _rowcount(result: object) -> int:
-    count = getattr(result, "rowcount", 0)
-    return count if isinstance(count, int) and count > 0 else 0
 
 
 PREVIEW_BYTES = 256

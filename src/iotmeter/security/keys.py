@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
+from typing import Literal
 
 PREFIX = "iotm_"
 _KEY = re.compile(r"^iotm_([0-9a-f]{12})_([A-Za-z0-9_\-]{43})$")
@@ -60,5 +61,18 @@ def matches(key: str, secret_hash: str) -> bool:
     return hmac.compare_digest(hash_key(key), secret_hash)
 
 
+KeyStatus = Literal["active", "expired", "revoked"]
+
+
+def key_status(
+    expires_at: datetime | None, revoked_at: datetime | None, now: datetime
+) -> KeyStatus:
+    if revoked_at is not None:
+        return "revoked"
+    if expires_at is not None and expires_at <= now:
+        return "expired"
+    return "active"
+
+
 def usable(expires_at: datetime | None, revoked_at: datetime | None, now: datetime) -> bool:
-    return revoked_at is None and (expires_at is None or expires_at > now)
+    return key_status(expires_at, revoked_at, now) == "active"

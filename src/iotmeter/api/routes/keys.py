@@ -12,8 +12,10 @@ from pydantic import BaseModel, Field, StringConstraints
 from iotmeter.api.deps import SessionDep
 from iotmeter.api.schemas import NAME_PATTERN, ErrorResponse, InputModel
 from iotmeter.api.timerange import from_epoch_us, parse_instant_us
+from iotmeter.db.base import utcnow
+from iotmeter.db.models import ApiKey
 from iotmeter.repositories.api_keys import ApiKeyRepository
-from iotmeter.security.keys import PREFIX
+from iotmeter.security.keys import PREFIX, KeyStatus, key_status
 from iotmeter.services import keys as service
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -31,7 +33,8 @@ class KeyCreate(InputModel):
     role: Literal["admin", "operator", "viewer"]
     expires: str | None = Field(
         None,
-        description="When the key stops working: RFC 3339 with a zone, or unset for never.",
+        description="When the key stops working: RFC 3339 with a zone or relative like "
+        "`+90d`; unset for never.",
         examples=["2027-01-01T00:00:00Z"],
     )
 
@@ -43,7 +46,7 @@ class KeyRead(BaseModel):
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
-    status: Literal["active", "expired", "revoked"]
+    status: KeyStatus
 
 
 class KeyCreated(KeyRead):
@@ -53,15 +56,7 @@ class KeyCreated(KeyRead):
     )
 
 
-def _read(row: Any) -> dict[str, Any]:
-    now = datetime.now(row.created_at.tzinfo)
-    state = (
-        "revoked"
-        if row.revoked_at is not None
-        else "expired"
-        if row.expires_at is not None and row.expires_at <= now
-        else "active"
-    )
+def _read(row: ApiKey) -> dict[str, Any]:
     return {
         "key_id": row.key_id,
         "name": row.name,
@@ -69,7 +64,7 @@ def _read(row: Any) -> dict[str, Any]:
         "created_at": row.created_at,
         "expires_at": row.expires_at,
         "revoked_at": row.revoked_at,
-        "status": state,
+        "status": key_status(row.expires_at, row.revoked_at, utcnow()),
     }
 
 

@@ -38,7 +38,6 @@ class _Epoch:
         self.lines: dict[str, list[bytes]] = {}
         self.times: dict[str, array[int]] = {}
         self.size = 0
-        self.count = 0
         self.started = time.monotonic()
         self.last_added = self.started
         self._seen: set[bytes] = set()
@@ -72,7 +71,6 @@ class _Epoch:
             lines.append(line)
             self.times[device_id].append(reading.epoch_us)
             self.size += len(line)
-        self.count += len(fresh)
 
     def segments(self, max_bytes: int, compress: bool) -> Iterator[tuple[str, bytes]]:
         """Every device's segments (split at `max_bytes`), as (key, body), made as they are
