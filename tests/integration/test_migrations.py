@@ -133,19 +133,15 @@ async def test_models_and_migrations_agree(fresh_database_url: str) -> None:
 def unpacked_wheel(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project built as a wheel and unpacked: what `pip install` would put on the path."""
     wheels = tmp_path_factory.mktemp("wheel")
+    # The build backend's PEP 517 hook, as pip or uv would call it (the venv may have no pip).
     built = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--quiet",
-            "-w",
+            "-c",
+            "import sys, hatchling.build as b; b.build_wheel(sys.argv[1])",
             str(wheels),
-            str(repo_root),
         ],
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=300,
