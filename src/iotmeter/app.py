@@ -37,6 +37,7 @@ from iotmeter.db.migrate import upgrade_async
 from iotmeter.ingest.broker import open_broker
 from iotmeter.ingest.collector import Collector, build_sinks
 from iotmeter.ingest.directory import DeviceDirectory
+from iotmeter.ingest.series import SeriesGuard
 from iotmeter.logging import configure_logging
 from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.runtime import TaskSupervisor
@@ -92,10 +93,18 @@ async def open_state(
             timeseries=timeseries.health,
             archive=archive.health,
         )
-        directory = DeviceDirectory(database, settings.auto_register)
+        directory = DeviceDirectory(
+            database, settings.auto_register, max_devices=settings.max_devices
+        )
         state.device_listeners.append(directory.forget)
+        series = None
+        if settings.max_new_series_per_device_hour:
+            series = SeriesGuard(database, settings.max_new_series_per_device_hour)
+            state.device_listeners.append(series.forget)
         if broker is not None and settings.collector_enabled:
-            sinks = build_sinks(settings, database, timeseries, archive, directory, state.stats)
+            sinks = build_sinks(
+                settings, database, timeseries, archive, directory, state.stats, series
+            )
             collector = await Collector.open(settings, broker, database, sinks, state.stats)
             stack.callback(collector.close)
             state.collector = collector

@@ -305,6 +305,25 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
         "(`too_large`) and its first 64 KiB, size and hash kept in the dead letters.",
     )
     max_json_depth: int = Field(8, ge=2, le=64, description="Deepest accepted JSON nesting.")
+    max_fields_per_message: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Most readings in one reading set (one message, or one element of a batch); "
+        "more is refused (`too_many_fields`).",
+    )
+    max_devices: int = Field(
+        100_000,
+        ge=0,
+        description="Most devices the registry holds (0: no limit). A new device over it is "
+        "refused: by the API with 409, on MQTT with the dead-letter reason `device_limit`.",
+    )
+    max_new_series_per_device_hour: int = Field(
+        1000,
+        ge=0,
+        description="Most new fields (series) one device may start in an hour (0: no limit); "
+        "a reading set over it is not written to the time series (`series_limit`).",
+    )
     max_future_skew_s: float = Field(
         300.0, ge=0, description="How far in the future a reading's timestamp may be, in seconds."
     )

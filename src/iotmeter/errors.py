@@ -43,6 +43,12 @@ class Conflict(IotmeterError):
     code = "conflict"
 
 
+class LimitReached(Conflict):
+    """A configured limit on what may be created (devices, configuration keys) is reached."""
+
+    code = "limit_reached"
+
+
 class ValidationFailed(IotmeterError):
     status_code = 400
     code = "invalid_request"
@@ -70,8 +76,15 @@ class StoreRejected(IotmeterError):
     code = "rejected_by_store"
 
     def __init__(
-        self, message: str, rejected: Sequence[tuple[ReadingSet, str]], *, details: Any = None
+        self,
+        message: str,
+        rejected: Sequence[tuple[ReadingSet, str]],
+        *,
+        over_limit: Sequence[tuple[ReadingSet, str]] = (),
+        details: Any = None,
     ) -> None:
         super().__init__(message, details=details)
         self.rejected = list(rejected)
         """(reading set, the store's reason) for each refused reading set."""
+        self.over_limit = list(over_limit)
+        """(reading set, why) for each one refused by the limit on new series."""

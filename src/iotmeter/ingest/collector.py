@@ -27,6 +27,7 @@ from iotmeter.ingest.decode import DecodeLimits
 from iotmeter.ingest.directory import DeviceDirectory
 from iotmeter.ingest.intake import Intake
 from iotmeter.ingest.runner import SinkRunner
+from iotmeter.ingest.series import SeriesGuard
 from iotmeter.ingest.sinks import Sink
 from iotmeter.ingest.sinks.archive import ArchiveSink
 from iotmeter.ingest.sinks.registry import RegistrySink
@@ -51,6 +52,7 @@ def build_sinks(
     archive: LayeredArchive,
     directory: DeviceDirectory,
     stats: IngestStats,
+    series: SeriesGuard | None = None,
 ) -> list[Sink]:
     """Every sink the collector feeds, in the order they are listed in `/ready`."""
     archive_sink: Sink
@@ -70,7 +72,7 @@ def build_sinks(
         archive_sink = ArchiveSink(archive, directory, stats)
     return [
         RegistrySink(database, directory, stats),
-        TimeSeriesSink(timeseries, directory, stats),
+        TimeSeriesSink(timeseries, directory, stats, series),
         archive_sink,
     ]
 

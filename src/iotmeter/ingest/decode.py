@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from iotmeter.config import env_name
 from iotmeter.ids import DEVICE_ID_RE, DEVICE_TYPE_RE, FIELD_NAME_RE
 from iotmeter.readings import Decoded, ReadingSet, Rejection, RejectReason
 
@@ -50,6 +51,7 @@ class DecodeLimits:
     max_payload_bytes: int = 256 * 1024
     max_depth: int = 8
     max_future_skew_us: int = 300_000_000
+    max_fields: int = 500
 
     def __post_init__(self) -> None:
         if self.max_payload_bytes < 1:
@@ -58,6 +60,8 @@ class DecodeLimits:
             raise ValueError(f"max_depth must be between 1 and {_MAX_SUPPORTED_DEPTH}")
         if self.max_future_skew_us < 0:
             raise ValueError("max_future_skew_us must not be negative")
+        if self.max_fields < 1:
+            raise ValueError("max_fields must be at least 1")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodeLimits:
@@ -66,6 +70,7 @@ class DecodeLimits:
             max_payload_bytes=settings.max_payload_bytes,
             max_depth=settings.max_json_depth,
             max_future_skew_us=round(settings.max_future_skew_s * 1_000_000),
+            max_fields=settings.max_fields_per_message,
         )
 
 
@@ -339,6 +344,12 @@ def _decode_reading_set(
         values = _container_values(container, document[container])
     if isinstance(values, tuple):
         return values
+    if len(values) > limits.max_fields:
+        return (
+            RejectReason.TOO_MANY_FIELDS,
+            f"{len(values)} readings in one reading set; at most {limits.max_fields} are "
+            f"allowed ({env_name('max_fields_per_message')}): send them in several messages",
+        )
     return ReadingSet(
         device_id=device_id,
         epoch_us=epoch_us,

@@ -177,6 +177,7 @@ class SinkRunner:
                 await self.backoff.wait(exc)
             except StoreRejected as exc:
                 await self._park_readings(exc.rejected, RejectReason.REFUSED_BY_STORE)
+                await self._park_readings(exc.over_limit, RejectReason.SERIES_LIMIT)
                 return None
 
     async def _isolate(self, batch: Batch) -> int | None:
@@ -236,8 +237,16 @@ class SinkRunner:
     async def _park_readings(
         self, refused: list[tuple[ReadingSet, str]], reason: RejectReason
     ) -> None:
+        if not refused:
+            return
         dead = [
-            _dead_letter(reading, reason, f"the {self.name} store refused it: {why}")
+            _dead_letter(
+                reading,
+                reason,
+                f"the {self.name} store refused it: {why}"
+                if reason is RejectReason.REFUSED_BY_STORE
+                else why,
+            )
             for reading, why in refused
         ]
         await self._retrying(lambda: self.park(self.name, dead))

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from iotmeter.db.base import utcnow
-from iotmeter.db.models import Device
+from iotmeter.db.models import Device, DeviceSeries
 
 
 def _escape_like(text: str) -> str:
@@ -74,6 +74,8 @@ def _list_statements(filters: tuple[str, ...]) -> tuple[Select[Any], Select[Any]
 
 
 _DEVICE_FIELDS = tuple(column.name for column in _DEVICE_COLUMNS)
+_REGISTRATION_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_REGISTRATION_LOCK_KEY = 0x696F746D_64657673  # "iotm" "devs": iotmeter's device registrations
 _TYPES_OF_ARRAY = text("SELECT id, type FROM devices WHERE id = ANY(CAST(:ids AS varchar[]))")
 
 DeviceRow = dict[str, Any]
@@ -152,6 +154,10 @@ class DeviceRepository:
         deleted = await self.session.scalar(
             delete(Device).where(Device.id == device_id).returning(Device.id)
         )
+        if deleted is not None:
+            await self.session.execute(
+                delete(DeviceSeries).where(DeviceSeries.device_id == device_id)
+            )
         return deleted is not None
 
     async def types_of(self, device_ids: Iterable[str]) -> dict[str, str]:
@@ -170,10 +176,33 @@ class DeviceRepository:
             )
         return {str(device_id): str(device_type) for device_id, device_type in rows}
 
-    async def register_missing(self, devices: dict[str, str]) -> None:
-        """Insert the devices (id -> type) that do not exist yet; existing ones are untouched."""
+    async def count(self) -> int:
+        return int(await self.session.scalar(select(func.count()).select_from(Device)) or 0)
+
+    async def hold_registrations(self) -> None:
+        """Serialise device creation until this transaction ends, so that a limit on the number
+        of devices holds with several writers: a transaction-scoped advisory lock on PostgreSQL.
+        SQLite has no such lock; there two creations at the same instant may both pass."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            await self.session.execute(_REGISTRATION_LOCK, {"key": _REGISTRATION_LOCK_KEY})
+
+    async def room_for(self, limit: int) -> int | None:
+        """How many more devices `limit` allows (None: no limit), holding registrations."""
+        if not limit:
+            return None
+        await self.hold_registrations()
+        return max(0, limit - await self.count())
+
+    async def register_missing(self, devices: dict[str, str], *, limit: int = 0) -> dict[str, str]:
+        """Insert the devices (id -> type) that do not exist yet; existing ones are untouched.
+
+        With a `limit` on the number of devices, only the first ones that fit are inserted.
+        Returns the devices inserted (or found registered meanwhile)."""
+        room = await self.room_for(limit)
+        if room is not None and room < len(devices):
+            devices = dict(list(devices.items())[:room])
         if not devices:
-            return
+            return {}
         now = utcnow()
         rows = [
             {
@@ -190,6 +219,7 @@ class DeviceRepository:
         dialect = self.session.get_bind().dialect.name
         insert_ = postgresql_insert if dialect == "postgresql" else sqlite_insert
         await self.session.execute(insert_(Device).on_conflict_do_nothing(), rows)
+        return devices
 
     async def touch_last_seen(self, seen: dict[str, datetime]) -> None:
         """Move each device's last_seen_at forward (never back): one statement per batch."""

@@ -8,9 +8,10 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from iotmeter.config import env_name
 from iotmeter.db.base import utcnow
 from iotmeter.db.models import Device, DeviceConfig
-from iotmeter.errors import Conflict, NotFound
+from iotmeter.errors import Conflict, LimitReached, NotFound
 from iotmeter.repositories.configs import ConfigRepository
 from iotmeter.repositories.devices import DeviceReader, DeviceRepository, DeviceRow
 
@@ -51,11 +52,20 @@ async def require_device(connection: AsyncConnection, device_id: str) -> None:
         raise _device_not_found(device_id)
 
 
-async def create_device(session: AsyncSession, fields: dict[str, Any]) -> Device:
-    """Register a device; a taken id is a `Conflict`."""
+async def create_device(
+    session: AsyncSession, fields: dict[str, Any], *, max_devices: int = 0
+) -> Device:
+    """Register a device; a taken id, or no room under `max_devices` (0: no limit), is a
+    `Conflict`."""
     repository = DeviceRepository(session)
     if await repository.get(fields["id"]) is not None:
         raise Conflict(f"device {fields['id']!r} already exists; choose another id or PATCH it")
+    if await repository.room_for(max_devices) == 0:
+        raise LimitReached(
+            f"the registry holds {max_devices} devices, the most "
+            f"{env_name('max_devices')} allows; delete devices no longer used, or raise the "
+            "limit"
+        )
     now = utcnow()
     device = Device(
         id=fields["id"],

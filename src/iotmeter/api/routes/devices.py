@@ -41,9 +41,14 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}}
     responses={409: {"model": ErrorResponse}},
     summary="Register a device",
 )
-async def create_device(body: DeviceCreate, session: SessionDep, response: Response) -> DeviceRead:
-    """Register a device; 409 if the id is taken."""
-    device = await service.create_device(session, body.model_dump())
+async def create_device(
+    body: DeviceCreate, session: SessionDep, state: StateDep, response: Response
+) -> DeviceRead:
+    """Register a device; 409 if the id is taken (`conflict`) or the registry holds
+    `IOTMETER_MAX_DEVICES` devices (`limit_reached`)."""
+    device = await service.create_device(
+        session, body.model_dump(), max_devices=state.settings.max_devices
+    )
     response.headers["Location"] = f"/api/v1/devices/{device.id}"
     return DeviceRead.model_validate(device)
 

@@ -66,10 +66,27 @@ class SpoolStats(BaseModel):
     client_id: str = Field(description="The collector's MQTT client id.")
 
 
+class LimitStats(BaseModel):
+    """What devices may create, and how often a limit refused something since start."""
+
+    max_devices: int = Field(description="`IOTMETER_MAX_DEVICES` (0: no limit).")
+    devices_room: int | None = Field(description="New devices that still fit (null: no limit).")
+    max_fields_per_message: int
+    max_new_series_per_device_hour: int = Field(description="0: no limit.")
+    refused: dict[str, int] = Field(
+        description="Reading sets refused since start by each limit: `device_limit`, "
+        "`too_many_fields`, `series_limit` (their dead letters say which device)."
+    )
+
+
+LIMIT_REASONS = ("device_limit", "too_many_fields", "series_limit")
+
+
 class Stats(BaseModel):
     started_at: datetime
     devices: DeviceStats
     messages: MessageStats
+    limits: LimitStats
     spool: SpoolStats | None
     active_alerts_by_severity: dict[str, int]
     backends: dict[str, str]
@@ -156,6 +173,7 @@ async def stats(state: StateDep, session: SessionDep) -> Stats:
     window = state.settings.online_window_s
     online = await devices.count_seen_since(utcnow() - timedelta(seconds=window))
     counters = state.stats
+    settings = state.settings
     return Stats(
         started_at=counters.started_at,
         devices=DeviceStats(
@@ -168,6 +186,15 @@ async def stats(state: StateDep, session: SessionDep) -> Stats:
             rejected_by_reason=dict(counters.rejected),
             ingest_rate_per_s=round(counters.rate_per_second(), 3),
             last_message_at=counters.last_message_at,
+        ),
+        limits=LimitStats(
+            max_devices=settings.max_devices,
+            devices_room=max(0, settings.max_devices - sum(by_type.values()))
+            if settings.max_devices
+            else None,
+            max_fields_per_message=settings.max_fields_per_message,
+            max_new_series_per_device_hour=settings.max_new_series_per_device_hour,
+            refused={reason: counters.rejected[reason] for reason in LIMIT_REASONS},
         ),
         spool=_spool_stats(state),
         active_alerts_by_severity=await AlertRepository(session).count_active_by_severity(),

@@ -6,6 +6,7 @@ from iotmeter.db.models.audit import AuditEntry
 from iotmeter.db.models.dead_letter import DeadLetter
 from iotmeter.db.models.device import Device
 from iotmeter.db.models.device_config import DeviceConfig
+from iotmeter.db.models.device_series import DeviceSeries
 from iotmeter.db.models.telemetry import LatestPoint, TelemetryPoint
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Device",
     "DeviceAlert",
     "DeviceConfig",
+    "DeviceSeries",
     "LatestPoint",
     "TelemetryPoint",
 ]

@@ -168,9 +168,7 @@ class SegmentArchiveSink:
         return time.monotonic() - self._epoch.started >= self.max_age_s
 
     async def _add(self, batch: Batch) -> None:
-        readings = batch.readings
-        if not self.directory.auto_register:
-            readings = await self.directory.resolve(readings, retype=False)
+        readings = await self.directory.resolve(batch.readings, retype=False)
         self._epoch.add(readings)
         self._taken = batch.last_seq
 

@@ -8,7 +8,9 @@ from collections import Counter
 from iotmeter.errors import StoreRejected
 from iotmeter.ingest.batch import Batch
 from iotmeter.ingest.directory import DeviceDirectory
+from iotmeter.ingest.series import SeriesGuard
 from iotmeter.ingest.stats import IngestStats
+from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries.base import TimeSeriesStore
 
 
@@ -16,26 +18,40 @@ class TimeSeriesSink:
     name = "timeseries"
 
     def __init__(
-        self, store: TimeSeriesStore, directory: DeviceDirectory, stats: IngestStats
+        self,
+        store: TimeSeriesStore,
+        directory: DeviceDirectory,
+        stats: IngestStats,
+        series: SeriesGuard | None = None,
     ) -> None:
         self.timeseries = store
         self.directory = directory
         self.stats = stats
+        self.series = series
 
     async def store(self, batch: Batch) -> int | None:
         readings = await self.directory.resolve(
             batch.readings, retype=self.timeseries.tags_device_type
         )
-        if not readings:
-            return None
-        try:
-            await self.timeseries.write(readings)
-        except StoreRejected as exc:
-            refused = {id(reading) for reading, _reason in exc.rejected}
-            stored = [reading for reading in readings if id(reading) not in refused]
-            self.stats.count_stored(self.name, Counter(r.device_id for r in stored))
-            raise
-        self.stats.count_stored(self.name, Counter(r.device_id for r in readings))
+        over_limit: list[tuple[ReadingSet, str]] = []
+        if self.series is not None and readings:
+            readings, over_limit = await self.series.check(readings)
+        if readings:
+            try:
+                await self.timeseries.write(readings)
+            except StoreRejected as exc:
+                refused = {id(reading) for reading, _reason in exc.rejected}
+                stored = [reading for reading in readings if id(reading) not in refused]
+                self.stats.count_stored(self.name, Counter(r.device_id for r in stored))
+                exc.over_limit.extend(over_limit)
+                raise
+            self.stats.count_stored(self.name, Counter(r.device_id for r in readings))
+        if over_limit:
+            raise StoreRejected(
+                f"{len(over_limit)} reading set(s) over the limit on new series",
+                [],
+                over_limit=over_limit,
+            )
         return None
 
     async def idle(self) -> int | None:
