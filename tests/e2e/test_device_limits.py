@@ -30,15 +30,16 @@ async def drained(api: httpx.AsyncClient, what: str, **expect: int) -> dict[str,
     empty for an instant after a message is counted received and before it is spooled)."""
     assert "stored" in expect
 
-
     async def probe() -> dict[str, Any]:
         stats: dict[str, Any] = (await api.get("/api/v1/stats")).json()
         return stats
 
     return await eventually(
         probe,
-        lambda stats: stats["spool"]["depth"] == 0
-        and all(stats["messages"][key] == value for key, value in expect.items()),
+        lambda stats: (
+            stats["spool"]["depth"] == 0
+            and all(stats["messages"][key] == value for key, value in expect.items())
+        ),
         what=what,
     )
 
