@@ -43,7 +43,7 @@ from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.runtime import TaskSupervisor
 from iotmeter.server import HttpProtocol
 from iotmeter.services.housekeeping import run_housekeeping
-from iotmeter.services.keys import bootstrap_admin_key
+from iotmeter.services.keys import bootstrap_admin_key, record_key_use
 from iotmeter.simulator.publisher import plan_devices, run_simulator
 from iotmeter.state import AppState
 from iotmeter.storage.factory import open_archive, open_timeseries
@@ -152,6 +152,10 @@ def _start_tasks(state: AppState, extra_tasks: Mapping[str, BackgroundTask]) -> 
         simulator_url = settings.simulator_mqtt_url or broker.url
         supervisor.start("simulator", partial(run_simulator, settings, simulator_url))
     supervisor.start("housekeeping", partial(run_housekeeping, state))
+    if settings.auth == "on":
+        supervisor.start("key-use", partial(record_key_use, state))
+        if state.database.dialect == "postgresql":
+            supervisor.start("key-cache", partial(state.key_cache.listen, settings.database_url))
     for name, task in extra_tasks.items():
         supervisor.start(name, partial(task, state))
 

@@ -64,7 +64,11 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
                 for row in await ApiKeyRepository(session).list():
                     state = key_status(row.expires_at, row.revoked_at, utcnow())
                     expires = row.expires_at.isoformat() if row.expires_at else "never"
-                    print(f"{row.key_id}  {row.role:<8}  {state:<7}  expires {expires}  {row.name}")
+                    used = row.last_used_at.isoformat() if row.last_used_at else "never"
+                    print(
+                        f"{row.key_id}  {row.role:<8}  {state:<7}  expires {expires}  "
+                        f"last used {used}  {row.name}"
+                    )
             else:
                 await service.revoke_key(session, args.key_id)
                 print(f"revoked {args.key_id}", file=sys.stderr)

@@ -12,6 +12,7 @@ from iotmeter.db.engine import Database
 from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.runtime import TaskSupervisor
+from iotmeter.security.key_cache import KeyCache
 from iotmeter.storage.archive.base import ArchiveStore
 from iotmeter.storage.timeseries.base import TimeSeriesStore
 
@@ -34,6 +35,8 @@ class AppState:
     collector: Collector | None = None
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
     device_listeners: list[Callable[[Iterable[str]], None]] = field(default_factory=list)
+    key_cache: KeyCache = field(default_factory=KeyCache)
+    """Verified API keys (PostgreSQL: while listening for revocations) and their last use."""
     rate_limits: RateLimits = field(init=False)
     """Told the ids of devices the API changed or deleted, once the change is committed (the
     collector's cache of device types)."""

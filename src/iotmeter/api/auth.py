@@ -11,6 +11,7 @@ route is covered without anyone remembering to protect it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,27 @@ async def authenticate(
 
 
 async def _key_principal(state: AppState, key_id: str, token: str) -> Principal:
+    cache = state.key_cache
+    now = utcnow()
+    cached = cache.get(key_id, token)
+    if cached is not None:
+        # Let a revocation notification already received be handled first: the loop reads the
+        # socket in one pass, asyncpg schedules the callback for the next (key_cache.py).
+        for _ in range(3):
+            await asyncio.sleep(0)
+        cached = cache.get(key_id, token)
+    if cached is not None and usable(cached.expires_at, None, now):
+        cache.used(key_id, now)
+        return Principal(f"key:{key_id} ({cached.name})", Role[cached.role])
+    generation = cache.generation
     async with state.database.reader() as connection:
         found = await KeyReader(connection).find(key_id)
     # The same message for every way a key fails: a caller learns nothing about which keys exist.
-    if found is None or not matches(token, found[0]) or not usable(found[3], found[4], utcnow()):
+    if found is None or not matches(token, found[0]) or not usable(found[3], found[4], now):
         raise Unauthorized("the API key is unknown, revoked or expired")
-    _hash, name, role, _expires, _revoked = found
+    secret_hash, name, role, expires_at, _revoked = found
+    cache.put(key_id, secret_hash, name, role, expires_at, generation=generation)
+    cache.used(key_id, now)
     return Principal(f"key:{key_id} ({name})", Role[role])
 
 

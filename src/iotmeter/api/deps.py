@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotmeter.config import Settings
 from iotmeter.db.engine import is_unavailable, unavailable
-from iotmeter.services import devices
+from iotmeter.services import devices, keys
 from iotmeter.state import AppState
 
 
@@ -37,6 +37,8 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
             changed = session.info.pop(devices.CHANGED_DEVICES, None)
             if changed:
                 state.devices_changed(changed)
+            for key_id in session.info.pop(keys.REVOKED_KEYS, ()):
+                state.key_cache.evict(key_id)
         except BaseException as exc:
             await session.rollback()
             if is_unavailable(exc):

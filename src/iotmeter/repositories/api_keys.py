@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from iotmeter.db.base import rowcount, utcnow
 from iotmeter.db.models import ApiKey, AuditEntry
+
+KEYS_CHANNEL = "iotmeter_api_keys"
+"""PostgreSQL notification channel (trigger `api_key_changed`, migration 0005): the payload is
+the id of a key that changed (revoked, expired, deleted)."""
 
 
 class ApiKeyRepository:
@@ -110,7 +114,10 @@ class AuditRepository:
 
 
 async def revoke(session: AsyncSession, key_id: str) -> bool:
-    """Revoke a key (kept, marked revoked); False when no usable key has that id."""
+    """Revoke a key (kept, marked revoked); False when no usable key has that id.
+
+    On PostgreSQL a trigger (migration 0005) notifies every process caching keys
+    (`security/key_cache.py`); the notification is delivered when the transaction commits."""
     result = await session.execute(
         update(ApiKey)
         .where(ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None))
@@ -118,3 +125,16 @@ async def revoke(session: AsyncSession, key_id: str) -> bool:
         .returning(ApiKey.key_id)
     )
     return result.first() is not None
+
+
+async def note_use(session: AsyncSession, used: dict[str, datetime]) -> None:
+    """Move each key's last_used_at forward to the time given (never back)."""
+    for key_id, at in used.items():
+        await session.execute(
+            update(ApiKey)
+            .where(
+                ApiKey.key_id == key_id,
+                or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at),
+            )
+            .values(last_used_at=at)
+        )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -13,8 +16,11 @@ from iotmeter.db.base import utcnow
 from iotmeter.db.engine import Database
 from iotmeter.db.models import ApiKey
 from iotmeter.errors import NotFound, ValidationFailed
-from iotmeter.repositories.api_keys import ApiKeyRepository, revoke
+from iotmeter.repositories.api_keys import ApiKeyRepository, note_use, revoke
 from iotmeter.security.keys import ROLE_NAMES, new_key
+
+if TYPE_CHECKING:
+    from iotmeter.state import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +46,15 @@ async def create_key(
     return key, made.key
 
 
+REVOKED_KEYS = "iotmeter.revoked_keys"
+"""`session.info` entry: ids of keys revoked in the session's transaction; the API's session
+dependency evicts them from the key cache once it has committed."""
+
+
 async def revoke_key(session: AsyncSession, key_id: str) -> None:
     if not await revoke(session, key_id):
         raise NotFound(f"no usable key {key_id!r}; list the keys with GET /api/v1/keys")
+    session.info.setdefault(REVOKED_KEYS, set()).add(key_id)
 
 
 async def bootstrap_admin_key(database: Database, path: Path) -> Path | None:
@@ -68,3 +80,31 @@ def _write_private(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+USAGE_FLUSH_S = 30.0
+
+
+async def record_key_use(state: AppState) -> None:
+    """Loops until cancelled: writes each key's last use (`last_used_at`, at most
+    `USAGE_FLUSH_S` late; one UPDATE per key used, not one per request). Writes what is left
+    when stopped."""
+    try:
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_S)
+            await _write_key_use(state)
+    finally:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(_write_key_use(state), 5.0)
+
+
+async def _write_key_use(state: AppState) -> None:
+    used = state.key_cache.take_used()
+    if not used:
+        return
+    try:
+        async with state.database.transaction() as session:
+            await note_use(session, used)
+    except Exception as exc:
+        state.key_cache.give_back(used)
+        logger.warning("could not write the keys' last use, trying again later: %s", exc)

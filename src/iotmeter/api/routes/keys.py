@@ -46,6 +46,9 @@ class KeyRead(BaseModel):
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    last_used_at: datetime | None = Field(
+        description="When a request last authenticated with it (written every 30 s or so)."
+    )
     status: KeyStatus
 
 
@@ -64,6 +67,7 @@ def _read(row: ApiKey) -> dict[str, Any]:
         "created_at": row.created_at,
         "expires_at": row.expires_at,
         "revoked_at": row.revoked_at,
+        "last_used_at": row.last_used_at,
         "status": key_status(row.expires_at, row.revoked_at, utcnow()),
     }
 
