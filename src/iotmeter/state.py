@@ -43,7 +43,9 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.rate_limits = RateLimits(
-            self.settings.rate_limit_per_key, self.settings.rate_limit_per_address
+            self.settings.rate_limit_per_key,
+            self.settings.rate_limit_per_address,
+            self.settings.rate_limit_storage,
         )
 
     def devices_changed(self, device_ids: Iterable[str]) -> None:

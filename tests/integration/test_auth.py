@@ -495,3 +495,30 @@ async def test_options_names_every_method_of_the_resource(api: httpx.AsyncClient
     wrong = await api.put("/api/v1/devices/dev-1")
     assert wrong.status_code == 405
     assert wrong.headers["allow"] == "DELETE, GET, HEAD, OPTIONS, PATCH"
+
+
+async def test_rate_limits_in_redis_hold_across_processes(sqlite_url: str, tmp_path: Path) -> None:
+    """Two app instances (as two processes would) share one key's budget through Redis (the
+    one pre-started on 127.0.0.1:6379; a missing Redis fails this test)."""
+    await empty_tables(sqlite_url)
+    settings = make_settings(
+        sqlite_url,
+        tmp_path,
+        rate_limit_per_key="6/minute",
+        rate_limit_per_address="",
+        rate_limit_storage="redis://127.0.0.1:6379/0",
+    )
+    async with (
+        LifespanManager(create_app(settings)) as first,
+        LifespanManager(create_app(settings)) as second,
+    ):
+        headers = await auth_headers(settings)  # a new key: its budget is untouched
+        statuses = []
+        for index in range(8):
+            app = (first if index % 2 else second).app
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://iotmeter", headers=headers
+            ) as client:
+                statuses.append((await client.get(DEVICES)).status_code)
+    assert statuses == [200] * 6 + [429] * 2
