@@ -15,14 +15,19 @@ from fastapi_offline import FastAPIOffline
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from iotmeter import __version__
+from iotmeter.alerting.book import RuleBook
+from iotmeter.alerting.notify import Notifier
+from iotmeter.alerting.sink import AlertSink
 from iotmeter.api.audit import AuditLog
 from iotmeter.api.auth import authorize, warn_when_off
 from iotmeter.api.errors import API_ERRORS, install_error_handlers
 from iotmeter.api.guard import RequestGuard
 from iotmeter.api.openapi import install_truthful_openapi
 from iotmeter.api.routes import (
+    alert_rules,
     alerts,
     audit,
+    channels,
     dead_letters,
     devices,
     health,
@@ -101,9 +106,16 @@ async def open_state(
         if settings.max_new_series_per_device_hour:
             series = SeriesGuard(database, settings.max_new_series_per_device_hour)
             state.device_listeners.append(series.forget)
+        book = RuleBook(database)
+        state.alerting_listeners.append(book.invalidate)
+        state.device_listeners.append(book.invalidate)
+        state.notifier = Notifier(
+            database, allow_private=settings.webhook_allow_private, broker=broker
+        )
         if broker is not None and settings.collector_enabled:
+            alerts = AlertSink(database, directory, book, wake_notifier=state.notifier.wake)
             sinks = build_sinks(
-                settings, database, timeseries, archive, directory, state.stats, series
+                settings, database, timeseries, archive, directory, state.stats, series, alerts
             )
             collector = await Collector.open(settings, broker, database, sinks, state.stats)
             stack.callback(collector.close)
@@ -152,6 +164,8 @@ def _start_tasks(state: AppState, extra_tasks: Mapping[str, BackgroundTask]) -> 
         simulator_url = settings.simulator_mqtt_url or broker.url
         supervisor.start("simulator", partial(run_simulator, settings, simulator_url))
     supervisor.start("housekeeping", partial(run_housekeeping, state))
+    if state.notifier is not None:
+        supervisor.start("notifier", state.notifier.run)
     if settings.auth == "on":
         supervisor.start("key-use", partial(record_key_use, state))
         if state.database.dialect == "postgresql":
@@ -207,6 +221,8 @@ def create_app(
     for router in (
         devices.router,
         alerts.router,
+        alert_rules.router,
+        channels.router,
         telemetry.router,
         raw.router,
         dead_letters.router,

@@ -337,6 +337,11 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
         description="Most devices the registry holds (0: no limit). A new device over it is "
         "refused: by the API with 409, on MQTT with the dead-letter reason `device_limit`.",
     )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Let webhooks reach private, loopback and link-local addresses (off: a "
+        "defence against server-side request forgery).",
+    )
     max_new_series_per_device_hour: int = Field(
         1000,
         ge=0,

@@ -17,6 +17,7 @@ from iotmeter.storage.archive.base import ArchiveStore
 from iotmeter.storage.timeseries.base import TimeSeriesStore
 
 if TYPE_CHECKING:
+    from iotmeter.alerting.notify import Notifier
     from iotmeter.ingest.collector import Collector
 
 HealthCheck = Callable[[], Awaitable[str | None]]
@@ -35,6 +36,9 @@ class AppState:
     collector: Collector | None = None
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
     device_listeners: list[Callable[[Iterable[str]], None]] = field(default_factory=list)
+    alerting_listeners: list[Callable[[], None]] = field(default_factory=list)
+    """Told when alert rules or notification channels change (the alert sink's rule book)."""
+    notifier: Notifier | None = None
     key_cache: KeyCache = field(default_factory=KeyCache)
     """Verified API keys (PostgreSQL: while listening for revocations) and their last use."""
     rate_limits: RateLimits = field(init=False)
@@ -47,6 +51,11 @@ class AppState:
             self.settings.rate_limit_per_address,
             self.settings.rate_limit_storage,
         )
+
+    def alert_rules_changed(self) -> None:
+        """Rules or channels changed (committed): the alert sink reads them again."""
+        for listener in self.alerting_listeners:
+            listener()
 
     def devices_changed(self, device_ids: Iterable[str]) -> None:
         ids = set(device_ids)

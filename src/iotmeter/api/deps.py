@@ -22,6 +22,10 @@ async def get_state(request: Request) -> AppState:
 
 StateDep = Annotated[AppState, Depends(get_state)]
 
+AFTER_COMMIT = "iotmeter.after_commit"
+"""`session.info` entry: callables the session dependency calls once the request's transaction
+has committed (caches to refresh)."""
+
 
 async def get_settings(state: StateDep) -> Settings:
     return state.settings
@@ -39,6 +43,8 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
                 state.devices_changed(changed)
             for key_id in session.info.pop(keys.REVOKED_KEYS, ()):
                 state.key_cache.evict(key_id)
+            for callback in session.info.pop(AFTER_COMMIT, ()):
+                callback()
         except BaseException as exc:
             await session.rollback()
             if is_unavailable(exc):

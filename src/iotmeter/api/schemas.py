@@ -220,6 +220,19 @@ class AlertRead(OutputModel):
     created_at: datetime
     acknowledged_at: datetime | None
     resolved_at: datetime | None
+    first_breach_at: datetime | None = Field(
+        None, description="Rule alerts: the device time the condition began to hold."
+    )
+    last_breach_at: datetime | None = None
+    extreme_value: float | None = Field(
+        None, description="Rule alerts: the furthest value past the limit while open."
+    )
+    breach_count: int = 0
+    suppressed_count: int = Field(
+        0,
+        description="Times the rule fired again within its flap window after this alert "
+        "resolved (suppressed: no new alert, no notification).",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -53,6 +53,7 @@ def build_sinks(
     directory: DeviceDirectory,
     stats: IngestStats,
     series: SeriesGuard | None = None,
+    alerts: Sink | None = None,
 ) -> list[Sink]:
     """Every sink the collector feeds, in the order they are listed in `/ready`."""
     archive_sink: Sink
@@ -70,11 +71,14 @@ def build_sinks(
         )
     else:
         archive_sink = ArchiveSink(archive, directory, stats)
-    return [
+    sinks: list[Sink] = [
         RegistrySink(database, directory, stats),
         TimeSeriesSink(timeseries, directory, stats, series),
         archive_sink,
     ]
+    if alerts is not None:
+        sinks.append(alerts)
+    return sinks
 
 
 def client_id_for(spool_dir: Path) -> str:

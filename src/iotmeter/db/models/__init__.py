@@ -1,6 +1,13 @@
 """ORM models; importing this package registers every table on `Base.metadata`."""
 
 from iotmeter.db.models.alert import DeviceAlert
+from iotmeter.db.models.alerting import (
+    AlertRule,
+    AlertRuleState,
+    DeliveryAttempt,
+    Notification,
+    NotificationChannel,
+)
 from iotmeter.db.models.api_key import ApiKey
 from iotmeter.db.models.audit import AuditEntry
 from iotmeter.db.models.dead_letter import DeadLetter
@@ -10,13 +17,18 @@ from iotmeter.db.models.device_series import DeviceSeries
 from iotmeter.db.models.telemetry import LatestPoint, TelemetryPoint
 
 __all__ = [
+    "AlertRule",
+    "AlertRuleState",
     "ApiKey",
     "AuditEntry",
     "DeadLetter",
+    "DeliveryAttempt",
     "Device",
     "DeviceAlert",
     "DeviceConfig",
     "DeviceSeries",
     "LatestPoint",
+    "Notification",
+    "NotificationChannel",
     "TelemetryPoint",
 ]

@@ -1,0 +1,263 @@
+"""Alerting end to end: rules evaluated on MQTT messages through a real Mosquitto, alerts in
+PostgreSQL or SQLite, Standard Webhooks delivered to a local receiver and verified with the
+`standardwebhooks` library."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from standardwebhooks import Webhook
+
+from tests.e2e.conftest import start_app
+from tests.e2e.test_ingest_e2e import publish
+from tests.e2e.test_ingest_rules import app_settings
+from tests.fixtures.receiver import Receiver, webhook_receiver
+from tests.fixtures.services import Mosquitto
+from tests.fixtures.waiting import eventually
+
+RULES = "/api/v1/alert-rules"
+
+
+def at(device: str, ms: int, **values: float) -> tuple[str, bytes]:
+    return f"iot/{device}/telemetry", orjson.dumps({"ts": ms, "metrics": values})
+
+
+async def rule(api: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    created = await api.post(RULES, json={"name": "r", **fields})
+    assert created.status_code == 201, created.text
+    body: dict[str, Any] = created.json()
+    return body
+
+
+async def channel(api: httpx.AsyncClient, receiver: Receiver, path: str = "/hook") -> str:
+    created = await api.post(
+        "/api/v1/channels", json={"name": "hook", "kind": "webhook", "url": receiver.url(path)}
+    )
+    assert created.status_code == 201, created.text
+    secret: str = created.json()["secret"]
+    return secret
+
+
+async def alerts_of(api: httpx.AsyncClient, rule_id: int) -> list[dict[str, Any]]:
+    response = await api.get("/api/v1/alerts", params={"limit": 100})
+    items: list[dict[str, Any]] = response.json()["items"]
+    return sorted((a for a in items if a["rule_id"] == rule_id), key=lambda a: a["id"])
+
+
+async def wait_for(receiver: Receiver, path: str, count: int, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while len(receiver.at(path)) < count:
+        assert time.monotonic() < deadline, (
+            f"{count} webhook(s) at {path} not received; got {len(receiver.at(path))}"
+        )
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def receiver() -> Any:
+    async with webhook_receiver() as found:
+        yield found
+
+
+async def test_a_threshold_rule_waits_its_duration_clears_with_hysteresis_and_signs_its_webhooks(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, receiver: Receiver
+) -> None:
+    settings = app_settings(database_url, tmp_path, mosquitto, webhook_allow_private=True)
+    base = int(time.time() * 1000) - 600_000
+    async with start_app(settings) as api:
+        secret = await channel(api, receiver)
+        made = await rule(
+            api,
+            kind="threshold",
+            device_id="hot-1",
+            field="t",
+            operator=">",
+            threshold=30.0,
+            hysteresis=2.0,
+            duration_s=60,
+            severity="critical",
+            message="{device} {field} at {value} ({threshold})",
+        )
+        publish(
+            mosquitto.port,
+            [
+                at("hot-1", base, t=20.0),
+                at("hot-1", base + 10_000, t=31.0),  # breach begins: pending
+                at("hot-1", base + 40_000, t=29.0),  # back under: pending forgotten
+                at("hot-1", base + 50_000, t=32.0),  # pending again
+                at("hot-1", base + 100_000, t=35.0),  # 50 s: still pending
+                at("hot-1", base + 110_000, t=33.0),  # 60 s: fires, value 33
+                at("hot-1", base + 120_000, t=36.5),  # extreme
+                at("hot-1", base + 130_000, t=29.5),  # under 30 but not 2 below: stays open
+            ],
+        )
+        await wait_for(receiver, "/hook", 1)
+        alerts = await alerts_of(api, made["id"])
+        assert len(alerts) == 1
+        alert = alerts[0]
+        assert alert["status"] == "active"
+        assert alert["severity"] == "critical"
+        assert alert["value"] == 33.0
+        assert alert["message"] == "hot-1 t at 33 (> 30)"
+        assert alert["first_breach_at"].startswith(
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((base + 50_000) / 1000))
+        )
+        fired = receiver.at("/hook")[0]
+        # Verified as any receiver would, with the Standard Webhooks library.
+        payload = Webhook(secret).verify(fired.body, fired.headers)
+        assert payload["type"] == "alert.fired"
+        assert payload["data"]["alert_id"] == alert["id"]
+        assert fired.headers["webhook-id"].startswith("msg_")
+        with pytest.raises(Exception, match="signature"):
+            Webhook(secret).verify(fired.body.replace(b"33", b"34"), fired.headers)
+        publish(mosquitto.port, [at("hot-1", base + 140_000, t=27.9)])  # 2.1 below: clears
+        await wait_for(receiver, "/hook", 2)
+        resolved = Webhook(secret).verify(
+            receiver.at("/hook")[1].body, receiver.at("/hook")[1].headers
+        )
+        assert resolved["type"] == "alert.resolved"
+        alert = (await alerts_of(api, made["id"]))[0]
+        assert alert["status"] == "resolved"
+        assert alert["extreme_value"] == 36.5
+        assert alert["breach_count"] >= 4
+        # A late reading from before the alert, breaching, opens nothing.
+        publish(mosquitto.port, [at("hot-1", base + 115_000, t=99.0)])
+        await asyncio.sleep(1.0)
+        assert len(await alerts_of(api, made["id"])) == 1
+        assert len(receiver.at("/hook")) == 2
+
+
+async def test_no_data_fires_on_the_clock_and_resolves_on_the_next_message(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, receiver: Receiver
+) -> None:
+    settings = app_settings(database_url, tmp_path, mosquitto, webhook_allow_private=True)
+    async with start_app(settings) as api:
+        await channel(api, receiver)
+        created = await api.post(
+            "/api/v1/devices", json={"id": "quiet-1", "name": "q", "type": "m"}
+        )
+        assert created.status_code == 201
+        made = await rule(api, kind="no_data", device_type="m", timeout_s=2, severity="warning")
+        now_ms = int(time.time() * 1000)
+        publish(mosquitto.port, [at("quiet-1", now_ms, t=1.0)])
+        await wait_for(receiver, "/hook", 1, within=20)
+        payload = receiver.at("/hook")[0].json
+        assert payload["type"] == "alert.fired"
+        assert payload["data"]["device_id"] == "quiet-1"
+        publish(mosquitto.port, [at("quiet-1", int(time.time() * 1000), t=2.0)])
+        await wait_for(receiver, "/hook", 2)
+        assert receiver.at("/hook")[1].json["type"] == "alert.resolved"
+        alerts = await alerts_of(api, made["id"])
+        assert [a["status"] for a in alerts] == ["resolved"]
+
+
+async def test_rate_of_change_and_anomaly_rules_fire_on_what_they_watch(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    settings = app_settings(database_url, tmp_path, mosquitto)
+    base = int(time.time() * 1000) - 3_600_000
+    async with start_app(settings) as api:
+        falling = await rule(
+            api, kind="rate_of_change", device_id="rc-1", field="t", operator="<", threshold=-5.0
+        )
+        odd = await rule(
+            api, kind="anomaly", device_id="an-1", field="p", k=4.0, half_life=20, warmup=30
+        )
+        messages = [at("rc-1", base + i * 60_000, t=20.0 - i) for i in range(5)]  # -1/min
+        messages.append(at("rc-1", base + 5 * 60_000, t=5.0))  # -11/min: fires
+        messages.append(at("rc-1", base + 6 * 60_000, t=4.5))  # -0.5/min: resolves
+        messages += [
+            at("an-1", base + i * 1000, p=100.0 + (i % 5) * 0.5) for i in range(60)
+        ]  # steady around 101
+        messages.append(at("an-1", base + 61_000, p=180.0))  # far outside
+        publish(mosquitto.port, messages)
+        rate_alerts = await eventually(
+            lambda: alerts_of(api, falling["id"]),
+            lambda found: len(found) == 1 and found[0]["status"] == "resolved",
+            what="the rate-of-change alert fired and resolved",
+        )
+        assert rate_alerts[0]["value"] == pytest.approx(-11.0)
+        anomaly_alerts = await eventually(
+            lambda: alerts_of(api, odd["id"]),
+            lambda found: len(found) == 1,
+            what="the anomaly alert",
+        )
+        assert anomaly_alerts[0]["value"] == 180.0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"kind": "bogus", "field": "t"},
+        {"kind": "threshold", "field": "t", "operator": "outside", "low": 5.0, "high": 1.0},
+        {"kind": "threshold", "field": "t", "operator": ">", "threshold": 1.0, "duration_s": -1},
+        {"kind": "threshold", "field": "_t", "operator": ">", "threshold": 1.0},
+        {"kind": "threshold", "operator": ">", "threshold": 1.0},
+        {"kind": "threshold", "field": "t", "operator": ">"},
+        {"kind": "no_data"},
+        {"kind": "anomaly", "field": "t", "k": 3.0},
+        {"kind": "threshold", "field": "t", "operator": ">", "threshold": False},
+        {
+            "kind": "threshold",
+            "field": "t",
+            "operator": ">",
+            "threshold": 1,
+            "device_id": "a",
+            "device_type": "m",
+        },
+    ],
+)
+async def test_a_bad_rule_is_refused_with_what_to_fix(
+    api: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    response = await api.post(RULES, json={"name": "bad", **body})
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["error"]["message"]
+
+
+async def test_a_webhook_to_an_internal_address_is_refused(api: httpx.AsyncClient) -> None:
+    for url in (
+        "http://127.0.0.1:9/x",
+        "http://localhost/x",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x",
+        "ftp://example.com/x",
+    ):
+        response = await api.post(
+            "/api/v1/channels", json={"name": "h", "kind": "webhook", "url": url}
+        )
+        assert response.status_code == 400, (url, response.text)
+        assert response.json()["error"]["message"]
+
+
+async def test_a_failing_receiver_is_retried_and_a_hanging_one_blocks_no_other(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, receiver: Receiver
+) -> None:
+    settings = app_settings(database_url, tmp_path, mosquitto, webhook_allow_private=True)
+    receiver.statuses["/flaky"] = [500]
+    receiver.hang_paths.add("/hang")
+    async with start_app(settings) as api:
+        await channel(api, receiver, "/hang")
+        await channel(api, receiver, "/flaky")
+        await channel(api, receiver, "/good")
+        made = await rule(
+            api, kind="threshold", device_id="w-1", field="t", operator=">", threshold=1.0
+        )
+        publish(mosquitto.port, [at("w-1", int(time.time() * 1000), t=5.0)])
+        await wait_for(receiver, "/good", 1)
+        await wait_for(receiver, "/flaky", 2, within=30)  # 500, then 200 after a backoff
+        first, second = receiver.at("/flaky")
+        assert first.headers["webhook-id"] == second.headers["webhook-id"]
+        listed = (await api.get("/api/v1/notifications", params={"status": "delivered"})).json()
+        flaky = [n for n in listed["items"] if n["event_id"] == first.headers["webhook-id"]]
+        assert len(flaky) == 1
+        detail = (await api.get(f"/api/v1/notifications/{flaky[0]['id']}")).json()
+        assert [h["status_code"] for h in detail["history"]] == [500, 200]
+        assert len(detail["history"][0]["response"]) <= 1024
+        assert len(await alerts_of(api, made["id"])) == 1
