@@ -261,3 +261,53 @@ async def test_a_failing_receiver_is_retried_and_a_hanging_one_blocks_no_other(
         assert [h["status_code"] for h in detail["history"]] == [500, 200]
         assert len(detail["history"][0]["response"]) <= 1024
         assert len(await alerts_of(api, made["id"])) == 1
+
+
+async def test_the_simulators_spikes_and_dropouts_drive_threshold_and_offline_alerts(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The in-process simulator, as a user would run it: spikes (+15..30 degrees) fire a
+    threshold rule and the next normal reading resolves it; dropped messages leave gaps that
+    fire a no_data rule, and the next message resolves it."""
+    settings = app_settings(
+        database_url,
+        tmp_path,
+        mosquitto,
+        simulator_enabled=True,
+        simulator_devices=2,
+        simulator_kinds=["temperature"],
+        simulator_interval_s=0.1,
+        simulator_jitter=0.0,
+        simulator_spike_rate=0.2,
+        simulator_dropout_rate=0.85,
+    )
+    async with start_app(settings) as api:
+        latest = await eventually(
+            lambda: api.get("/api/v1/devices/sim-temperature-0001/latest"),
+            lambda r: r.status_code == 200 and "temperature" in r.json()["fields"],
+            what="the simulator's first reading",
+        )
+        normal = latest.json()["fields"]["temperature"]["value"]
+        hot = await rule(
+            api,
+            kind="threshold",
+            device_type="temperature",
+            field="temperature",
+            operator=">",
+            threshold=normal + 10.0,
+        )
+        quiet = await rule(api, kind="no_data", device_type="temperature", timeout_s=1)
+        await eventually(
+            lambda: alerts_of(api, hot["id"]),
+            lambda found: any(a["status"] == "resolved" for a in found),
+            within=60,
+            what="a spike fired the threshold rule and a normal reading resolved it",
+        )
+        await eventually(
+            lambda: alerts_of(api, quiet["id"]),
+            lambda found: any(a["status"] == "resolved" for a in found),
+            within=60,
+            what="a gap fired the no_data rule and the next message resolved it",
+        )
+        for alert in await alerts_of(api, hot["id"]):
+            assert alert["value"] > normal + 10.0

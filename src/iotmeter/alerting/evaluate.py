@@ -83,7 +83,7 @@ class State:
     """`no_data`: when the device (or the field) was last heard of (arrival time)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value not in (None, 0, False)}
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> State:
