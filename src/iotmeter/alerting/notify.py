@@ -3,8 +3,8 @@
 A notification row is written in the transaction that changes the alert (alerting/sink.py), so
 no alert change is ever without its notifications. The notifier claims due rows (a lease: the
 row's next attempt is moved 15 s ahead, past the 10 s timeout, so a crash mid-delivery retries
-it then; on PostgreSQL with `FOR UPDATE SKIP LOCKED`, so several processes never claim the same row), sends
-each in its own task (a receiver that is slow or down never holds up another, up to
+it then; on PostgreSQL with `FOR UPDATE SKIP LOCKED`, so several processes never claim the
+same row), sends each in its own task (a receiver that is slow or down never holds up another, up to
 `CONCURRENCY` at once), and records every attempt (`delivery_attempts`: status, latency, error,
 the first 1 KB of the answer).
 
