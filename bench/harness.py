@@ -66,6 +66,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -696,6 +697,176 @@ class Probe:
         }
 
 
+# --- alerting: rules to evaluate, and the breach-to-webhook latency -----------------------------
+
+ALERT_DEVICE = "bench-alert"
+
+
+def alert_rule_bodies(count: int, devices: int) -> list[dict[str, Any]]:
+    """`count` rules spread over the kinds and scopes, on the bench devices' fields, set so that
+    they evaluate every reading and rarely fire: 40% threshold, 20% rate of change, 20% anomaly,
+    10% no data (one device each), 10% threshold on every device of type `bench`."""
+    fields = ("temperature", "humidity", "voltage", "power")
+    bodies: list[dict[str, Any]] = []
+    for n in range(count):
+        device = f"bench-{(n * 37) % max(1, devices):05d}"
+        field = fields[n % len(fields)]
+        slot = n % 10
+        body: dict[str, Any] = {"name": f"bench rule {n}", "severity": "info"}
+        if slot < 4:
+            body.update(
+                kind="threshold",
+                device_id=device,
+                field=field,
+                operator=">",
+                threshold=1e9,
+                duration_s=30,
+                hysteresis=1.0,
+            )
+        elif slot < 6:
+            body.update(
+                kind="rate_of_change", device_id=device, field=field, operator=">", threshold=1e9
+            )
+        elif slot < 8:
+            body.update(
+                kind="anomaly", device_id=device, field=field, k=50.0, half_life=100, warmup=50
+            )
+        elif slot < 9:
+            body.update(kind="no_data", device_id=device, timeout_s=600)
+        else:
+            body.update(
+                kind="threshold",
+                device_type="bench",
+                field=field,
+                operator="outside",
+                low=-1e9,
+                high=1e9,
+            )
+        bodies.append(body)
+    return bodies
+
+
+class AlertProbe:
+    """A device whose value crosses a rule's threshold every `interval` s (up, then down); a
+    local webhook receiver notes when each `alert.fired` arrives: breach-to-webhook latency."""
+
+    def __init__(self, mqtt_url: str, interval: float) -> None:
+        self.mqtt_url = mqtt_url
+        self.interval = interval
+        self.fired_sent_at: dict[int, float] = {}
+        """Device time (epoch us) of each breaching message -> when it was published."""
+        self.arrived_at: dict[int, float] = {}
+        self.webhooks = 0
+        self.port = 0
+        self._runner: Any = None
+
+    async def serve(self) -> str:
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            body = orjson.loads(await request.read())
+            now = time.time()
+            self.webhooks += 1
+            data = body.get("data", {})
+            if body.get("type") == "alert.fired" and data.get("device_id") == ALERT_DEVICE:
+                first = data.get("first_breach_at")
+                if first:
+                    moment = datetime.fromisoformat(first.replace("Z", "+00:00"))
+                    self.arrived_at.setdefault(round(moment.timestamp() * 1_000_000), now)
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/hook", handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def publish(self, start: float, stop: float) -> None:
+        import aiomqtt
+
+        host, port, username, password = broker_address(self.mqtt_url)
+        async with aiomqtt.Client(
+            host,
+            port,
+            username=username,
+            password=password,
+            timeout=10,
+            identifier=f"bench-alert-{uuid.uuid4().hex[:8]}",
+        ) as client:
+            await asyncio.sleep(max(0.0, start - time.time()))
+            high = False
+            while time.time() < stop:
+                high = not high
+                sent = time.time()
+                ts = time.time_ns() // 1000
+                payload = orjson.dumps(
+                    {"ts": ts, "type": "bench", "metrics": {"v": 1.0 if high else 0.0}}
+                )
+                if high:
+                    self.fired_sent_at[ts] = sent
+                await client.publish(f"iot/{ALERT_DEVICE}/telemetry", payload, qos=1)
+                await asyncio.sleep(max(0.0, sent + self.interval - time.time()))
+
+    def summary(self, start: float, stop: float) -> dict[str, Any]:
+        latencies = [
+            (self.arrived_at[ts] - sent) * 1000
+            for ts, sent in self.fired_sent_at.items()
+            if start <= sent <= stop and ts in self.arrived_at
+        ]
+        sent = [ts for ts, at in self.fired_sent_at.items() if start <= at <= stop]
+        return {
+            "p50_ms": round_or_none(percentile(latencies, 0.50)),
+            "p99_ms": round_or_none(percentile(latencies, 0.99)),
+            "max_ms": round_or_none(max(latencies) if latencies else None),
+            "breaches_sent": len(sent),
+            "webhooks_received": sum(1 for ts in sent if ts in self.arrived_at),
+            "webhooks_all": self.webhooks,
+        }
+
+
+async def create_alerting(
+    run: Run, api: httpx.AsyncClient, probe: AlertProbe | None
+) -> dict[str, Any]:
+    """The rules (and the probe's rule and channel) through the API, before the load."""
+    created = 0
+    for body in alert_rule_bodies(run.args.alert_rules, run.args.devices):
+        response = await api.post("/api/v1/alert-rules", json=body)
+        if response.status_code != 201:
+            raise HarnessError(f"creating an alert rule: {response.status_code} {response.text}")
+        created += 1
+    if probe is not None:
+        url = await probe.serve()
+        rule = await api.post(
+            "/api/v1/alert-rules",
+            json={
+                "name": "bench probe",
+                "kind": "threshold",
+                "device_id": ALERT_DEVICE,
+                "field": "v",
+                "operator": ">",
+                "threshold": 0.5,
+                "severity": "critical",
+            },
+        )
+        if rule.status_code != 201:
+            raise HarnessError(f"creating the probe rule: {rule.status_code} {rule.text}")
+        channel = await api.post(
+            "/api/v1/channels",
+            json={"name": "bench", "kind": "webhook", "url": url, "rule_ids": [rule.json()["id"]]},
+        )
+        if channel.status_code != 201:
+            raise HarnessError(f"creating the channel: {channel.status_code} {channel.text}")
+    return {"rules": created, "probe": probe is not None}
+
+
 # --- the app -----------------------------------------------------------------------------------
 
 
@@ -725,6 +896,8 @@ def app_environment(args: argparse.Namespace, services: Services, workdir: Path)
             # The API phase measures capacity: no rate limit in the way.
             "IOTMETER_RATE_LIMIT_PER_KEY": "",
             "IOTMETER_RATE_LIMIT_PER_ADDRESS": "",
+            # The alert latency probe's receiver listens on loopback.
+            "IOTMETER_WEBHOOK_ALLOW_PRIVATE": "true",
         }
     )
     if services.s3 is not None:
@@ -1067,6 +1240,7 @@ class Run:
     services: Services
     meter: Meter
     kill_after: float
+    alert_probe: AlertProbe | None = None
 
 
 def publisher_options(run: Run, index: int, messages: int = 0) -> list[str]:
@@ -1302,6 +1476,9 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
     snapshot_task = asyncio.create_task(snapshots(*steady))
     probe_task = asyncio.create_task(probe.publish(go, go + args.duration))
     poll_task = asyncio.create_task(probe.poll(api, stop_polling))
+    alert_task = None
+    if run.alert_probe is not None:
+        alert_task = asyncio.create_task(run.alert_probe.publish(go, go + args.duration))
     profile_task = None
     if args.profile:
         seconds = min(args.profile, max(1.0, args.duration - args.warmup))
@@ -1320,6 +1497,8 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
     finals = [await p.wait_done(args.duration + args.ack_timeout + 30) for p in publishers]
     relay_task.cancel()
     await probe_task
+    if alert_task is not None:
+        await alert_task
     acked = sum(final["acked"] for final in finals) + probe.acked
     published = sum(final["published"] for final in finals) + len(probe.sent_at)
 
@@ -1369,6 +1548,12 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
         else {"bench_messages_acked": bench_acked, "rows": rows, "missing": bench_acked - rows},
         "latency": probe.summary(*steady),
         "latency_all_probes": probe.summary(go, go + args.duration),
+        "alerting": None
+        if run.alert_probe is None and not args.alert_rules
+        else {
+            "rules": args.alert_rules,
+            "breach_to_webhook": run.alert_probe.summary(*steady) if run.alert_probe else None,
+        },
         "app_cpu_percent": round_or_none(sampler.cpu_percent("app", *steady)),
         "app_rss_peak_mb": round_or_none(max(rss) if rss else None),
         "app_rss_hwm_mb": round_or_none(peak_rss_mb(app.process.pid)),
@@ -2121,6 +2306,20 @@ def render_table(summary: dict[str, Any]) -> str:
             f"{fmt(latency.get('p50_ms'))} / {fmt(latency.get('p99_ms'), unit=' ms')}",
         ),
         row("app CPU, mean over the steady state", fmt(ingest.get("app_cpu_percent"), unit=" %")),
+    ]
+    alerting = ingest.get("alerting") or {}
+    webhook = alerting.get("breach_to_webhook") or {}
+    if alerting:
+        lines.append(row("alert rules evaluated", fmt(alerting.get("rules"))))
+    if webhook:
+        lines.append(
+            row(
+                f"breach-to-webhook p50 / p99 ({webhook.get('webhooks_received')} of "
+                f"{webhook.get('breaches_sent')})",
+                f"{fmt(webhook.get('p50_ms'))} / {fmt(webhook.get('p99_ms'), unit=' ms')}",
+            )
+        )
+    lines += [
         row(
             "app peak RSS (sampled / kernel VmHWM)",
             f"{fmt(ingest.get('app_rss_peak_mb'))} / "
@@ -2453,6 +2652,11 @@ async def steady_phases(
     await register_devices(run, env, summary)
     app = await start_app(env, run.workdir, stack)
     async with httpx.AsyncClient(base_url=app.base_url, timeout=10, headers=app.headers) as api:
+        if run.args.alert_rules or run.args.alert_latency:
+            if run.args.alert_latency:
+                run.alert_probe = AlertProbe(run.services.mqtt_url, run.args.alert_latency)
+                stack.push_async_callback(run.alert_probe.close)
+            summary["alerting"] = await create_alerting(run, api, run.alert_probe)
         print("iotmeter phase ...", file=sys.stderr, flush=True)
         summary["iotmeter"] = await iotmeter_phase(run, app, api)
     return app
@@ -2547,6 +2751,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices-registered", type=int, default=0, help="register N devices before the run"
     )
     load.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True)
+    load.add_argument(
+        "--alert-rules", type=int, default=0, help="create N alert rules before the load"
+    )
+    load.add_argument(
+        "--alert-latency",
+        type=float,
+        default=0,
+        help="every S seconds a device breaches a rule; measure breach-to-webhook latency",
+    )
 
     app = parser.add_argument_group("iotmeter")
     app.add_argument("--archive", choices=["s3", "local"], default="s3")
