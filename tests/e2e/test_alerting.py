@@ -311,3 +311,39 @@ async def test_the_simulators_spikes_and_dropouts_drive_threshold_and_offline_al
         )
         for alert in await alerts_of(api, hot["id"]):
             assert alert["value"] > normal + 10.0
+
+
+async def test_a_person_raising_acknowledging_and_resolving_an_alert_is_notified(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, receiver: Receiver
+) -> None:
+    settings = app_settings(database_url, tmp_path, mosquitto, webhook_allow_private=True)
+    async with start_app(settings) as api:
+        secret = await channel(api, receiver)
+        quiet = await api.post(
+            "/api/v1/channels",
+            json={
+                "name": "crit",
+                "kind": "webhook",
+                "url": receiver.url("/crit"),
+                "min_severity": "critical",
+            },
+        )
+        assert quiet.status_code == 201
+        await api.post("/api/v1/devices", json={"id": "man-1", "name": "m", "type": "m"})
+        raised = await api.post(
+            "/api/v1/alerts",
+            json={"device_id": "man-1", "severity": "warning", "message": "door open"},
+        )
+        assert raised.status_code == 201, raised.text
+        alert_id = raised.json()["id"]
+        assert (await api.post(f"/api/v1/alerts/{alert_id}/acknowledge")).status_code == 200
+        assert (await api.post(f"/api/v1/alerts/{alert_id}/resolve")).status_code == 200
+        await wait_for(receiver, "/hook", 3)
+        events = [Webhook(secret).verify(r.body, r.headers) for r in receiver.at("/hook")]
+        assert [e["type"] for e in events] == [
+            "alert.fired",
+            "alert.acknowledged",
+            "alert.resolved",
+        ]
+        assert {e["data"]["alert_id"] for e in events} == {alert_id}
+        assert receiver.at("/crit") == []  # a warning is below that channel's severity

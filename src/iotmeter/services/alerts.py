@@ -1,4 +1,5 @@
-"""Alert life cycle: active -> acknowledged -> resolved (or active -> resolved)."""
+"""Alert life cycle: active -> acknowledged -> resolved (or active -> resolved); each change
+queues its notifications (alerting/outbox.py) in the same transaction."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotmeter.alerting.outbox import queue_for_alert
 from iotmeter.db.base import utcnow
 from iotmeter.db.models import DeviceAlert
 from iotmeter.errors import Conflict, NotFound
@@ -24,7 +26,9 @@ async def create_alert(session: AsyncSession, fields: dict[str, Any]) -> DeviceA
     """Raise an alert on an existing device."""
     await get_device(session, fields["device_id"])
     alert = DeviceAlert(**fields, status="active", created_at=utcnow())
-    return await AlertRepository(session).add(alert)
+    alert = await AlertRepository(session).add(alert)
+    await queue_for_alert(session, alert, "alert.fired")
+    return alert
 
 
 async def acknowledge_alert(session: AsyncSession, alert_id: int) -> DeviceAlert:
@@ -41,6 +45,7 @@ async def acknowledge_alert(session: AsyncSession, alert_id: int) -> DeviceAlert
         raise Conflict(
             f"alert {alert_id} is {current.status}; only an active alert can be acknowledged"
         )
+    await queue_for_alert(session, alert, "alert.acknowledged")
     return alert
 
 
@@ -56,4 +61,5 @@ async def resolve_alert(session: AsyncSession, alert_id: int) -> DeviceAlert:
     if alert is None:
         current = await get_alert(session, alert_id)
         raise Conflict(f"alert {alert_id} is already resolved (at {current.resolved_at})")
+    await queue_for_alert(session, alert, "alert.resolved")
     return alert
