@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import and_, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -102,9 +103,11 @@ class AlertSink:
         if self.durable is None:
             self.durable = batch.first_seq - 1
         self._taken = batch.last_seq
-        if events or (self._dirty and time.monotonic() - self._saved_at >= SAVE_EVERY_S):
-            await self._save(snapshot, events)
-        elif not self._dirty:
+        if self._dirty and time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            await self._save(snapshot, events, every=True)
+        elif events:
+            await self._save(snapshot, events, every=False)
+        if not self._dirty:
             self.durable = self._taken  # nothing unsaved: all of it is durable
         return self.durable
 
@@ -112,9 +115,11 @@ class AlertSink:
         snapshot = await self.book.snapshot()
         self._newest_arrival_us = _now_us()  # nothing waits: caught up
         events = self._tick(snapshot)
-        if events or (self._dirty and time.monotonic() - self._saved_at >= SAVE_EVERY_S):
-            await self._save(snapshot, events)
-        elif self._taken is not None and self.durable != self._taken and not self._dirty:
+        if self._dirty and time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            await self._save(snapshot, events, every=True)
+        elif events:
+            await self._save(snapshot, events, every=False)
+        if self._taken is not None and not self._dirty:
             self.durable = self._taken
         return self.durable
 
@@ -207,8 +212,14 @@ class AlertSink:
                 self.states.setdefault((int(rule_id), str(device_id)), State.from_json(data))
         self._loaded.update(missing)
 
-    async def _save(self, snapshot: Snapshot, events: list[Event]) -> None:
-        dirty = [key for key in self._dirty if key in self.states]
+    async def _save(self, snapshot: Snapshot, events: list[Event], *, every: bool) -> None:
+        """Write the alert changes of `events` with the states they touched (at once, for the
+        notifications' sake) or, with `every`, with every state changed since the last such
+        save (which makes the records taken so far durable)."""
+        if every:
+            dirty = [key for key in self._dirty if key in self.states]
+        else:
+            dirty = list({(event.rule.id, event.device_id) for event in events})
         rows = [
             {
                 "rule_id": rule_id,
@@ -225,9 +236,11 @@ class AlertSink:
             if rows:
                 await _upsert_states(session, rows)
             notified = await self._apply(session, snapshot, events)
-        self._dirty.difference_update(dirty)
-        self._saved_at = time.monotonic()
-        self.durable = self._taken
+        if every:
+            self._dirty.clear()
+            self._saved_at = time.monotonic()
+        # A state saved ahead of the durable position is harmless: after a crash the readings
+        # it has folded in are skipped by time when the spool replays them.
         self.events += len(events)
         if notified:
             self.wake_notifier()
@@ -272,16 +285,39 @@ class AlertSink:
         return len(notifications)
 
 
+_UPSERT_STATES_PG = text(
+    "INSERT INTO alert_rule_states (rule_id, device_id, state, updated_at) "
+    "SELECT * FROM unnest(CAST(:rule_ids AS bigint[]), CAST(:device_ids AS varchar[]), "
+    "CAST(:states AS jsonb[]), CAST(:ats AS timestamptz[])) "
+    "ON CONFLICT (rule_id, device_id) DO UPDATE "
+    "SET state = excluded.state, updated_at = excluded.updated_at"
+)
+
+
 async def _upsert_states(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-    dialect = session.get_bind().dialect.name
-    insert_ = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    statement = insert_(AlertRuleState)
+    """One statement per 5,000 states on PostgreSQL (arrays); executemany on SQLite (in-process:
+    no round trips to save). The ORM's bulk path cost 19% of the app's CPU (py-spy)."""
+    if session.get_bind().dialect.name == "postgresql":
+        for start in range(0, len(rows), 5000):
+            chunk = rows[start : start + 5000]
+            await session.execute(
+                _UPSERT_STATES_PG,
+                {
+                    "rule_ids": [row["rule_id"] for row in chunk],
+                    "device_ids": [row["device_id"] for row in chunk],
+                    "states": [orjson.dumps(row["state"]).decode() for row in chunk],
+                    "ats": [row["updated_at"] for row in chunk],
+                },
+            )
+        return
+    statement = sqlite_insert(AlertRuleState)
     statement = statement.on_conflict_do_update(
         index_elements=["rule_id", "device_id"],
         set_={"state": statement.excluded.state, "updated_at": statement.excluded.updated_at},
     )
+    connection = await session.connection()
     for start in range(0, len(rows), 1000):
-        await session.execute(statement, rows[start : start + 1000])
+        await connection.execute(statement, rows[start : start + 1000])
 
 
 def _open_alert_where() -> Any:

@@ -41,6 +41,8 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}}
 
 RuleKind = Literal["threshold", "rate_of_change", "no_data", "anomaly"]
 Operator = Literal[">", ">=", "<", "<=", "outside"]
+
+
 def _field_name(name: str) -> str:
     if FIELD_NAME_RE.fullmatch(name) is None:
         raise ValueError(
