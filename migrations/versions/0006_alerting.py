@@ -80,12 +80,13 @@ def upgrade() -> None:
         sa.Column("url", sa.Text(), nullable=True),
         sa.Column("secret", sa.String(200), nullable=True),
         sa.Column("topic", sa.String(256), nullable=True),
+        sa.Column("email_to", JSON, nullable=True),
         sa.Column("min_severity", sa.String(16), nullable=False),
         sa.Column("rule_ids", JSON, nullable=True),
         sa.Column("enabled", sa.Boolean(), nullable=False),
         _timestamp("created_at"),
         sa.CheckConstraint(
-            "kind IN ('webhook', 'mqtt')", name=op.f("ck_notification_channels_kind")
+            "kind IN ('webhook', 'mqtt', 'email')", name=op.f("ck_notification_channels_kind")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_notification_channels")),
     )

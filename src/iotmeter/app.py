@@ -16,7 +16,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from iotmeter import __version__
 from iotmeter.alerting.book import RuleBook
-from iotmeter.alerting.notify import Notifier
+from iotmeter.alerting.notify import MailServer, Notifier
 from iotmeter.alerting.sink import AlertSink
 from iotmeter.api.audit import AuditLog
 from iotmeter.api.auth import authorize, warn_when_off
@@ -109,8 +109,16 @@ async def open_state(
         book = RuleBook(database)
         state.alerting_listeners.append(book.invalidate)
         state.device_listeners.append(book.invalidate)
+        mail = None
+        if settings.smtp_url is not None:
+            mail = MailServer.from_url(
+                settings.smtp_url.get_secret_value(),
+                sender=settings.smtp_from,
+                ca_file=str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
+                public_url=settings.public_url,
+            )
         state.notifier = Notifier(
-            database, allow_private=settings.webhook_allow_private, broker=broker
+            database, allow_private=settings.webhook_allow_private, broker=broker, mail=mail
         )
         if broker is not None and settings.collector_enabled:
             alerts = AlertSink(database, directory, book, wake_notifier=state.notifier.wake)

@@ -337,6 +337,20 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
         description="Most devices the registry holds (0: no limit). A new device over it is "
         "refused: by the API with 409, on MQTT with the dead-letter reason `device_limit`.",
     )
+    smtp_url: SecretStr | None = Field(
+        None,
+        description="Mail server for email channels: `smtp://user:password@host:587` "
+        "(STARTTLS when the server offers it, required with `?starttls=required`) or "
+        "`smtps://...:465` (TLS from the start).",
+    )
+    smtp_from: str = Field("iotmeter@localhost", description="The sender address of alert emails.")
+    smtp_ca_file: Path | None = Field(
+        None, description="CA certificates to verify the mail server with (default: the system's)."
+    )
+    public_url: str = Field(
+        "http://127.0.0.1:8080",
+        description="Where people reach this iotmeter: the links in alert emails.",
+    )
     webhook_allow_private: bool = Field(
         False,
         description="Let webhooks reach private, loopback and link-local addresses (off: a "

@@ -5,6 +5,7 @@ PostgreSQL or SQLite, Standard Webhooks delivered to a local receiver and verifi
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -254,8 +255,13 @@ async def test_a_failing_receiver_is_retried_and_a_hanging_one_blocks_no_other(
         await wait_for(receiver, "/flaky", 2, within=30)  # 500, then 200 after a backoff
         first, second = receiver.at("/flaky")
         assert first.headers["webhook-id"] == second.headers["webhook-id"]
-        listed = (await api.get("/api/v1/notifications", params={"status": "delivered"})).json()
-        flaky = [n for n in listed["items"] if n["event_id"] == first.headers["webhook-id"]]
+        # The outcome is recorded once the receiver has answered: wait for it.
+        listed = await eventually(
+            lambda: api.get("/api/v1/notifications", params={"status": "delivered"}),
+            lambda r: any(n["event_id"] == first.headers["webhook-id"] for n in r.json()["items"]),
+            what="the flaky receiver's notification recorded as delivered",
+        )
+        flaky = [n for n in listed.json()["items"] if n["event_id"] == first.headers["webhook-id"]]
         assert len(flaky) == 1
         detail = (await api.get(f"/api/v1/notifications/{flaky[0]['id']}")).json()
         assert [h["status_code"] for h in detail["history"]] == [500, 200]
@@ -348,3 +354,110 @@ async def test_a_person_raising_acknowledging_and_resolving_an_alert_is_notified
         ]
         assert {e["data"]["alert_id"] for e in events} == {alert_id}
         assert receiver.at("/crit") == []  # a warning is below that channel's severity
+
+
+async def test_a_buffer_flushed_after_an_outage_notifies_a_cleared_breach_once_as_resolved(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, receiver: Receiver
+) -> None:
+    """A device back online sends its buffer in one message: a breach that began and cleared
+    inside it is recorded with its device times and notified once, as `alert.resolved` with
+    `late: true`, never as a new `alert.fired`."""
+    settings = app_settings(database_url, tmp_path, mosquitto, webhook_allow_private=True)
+    base = int(time.time() * 1000) - 3_600_000
+    async with start_app(settings) as api:
+        secret = await channel(api, receiver)
+        made = await rule(
+            api, kind="threshold", device_id="buf-1", field="t", operator=">", threshold=30.0
+        )
+        buffer = [
+            {"ts": base + i * 60_000, "metrics": {"t": value}}
+            for i, value in enumerate([20.0, 31.0, 35.0, 25.0, 22.0])
+        ]
+        publish(mosquitto.port, [("iot/buf-1/telemetry", orjson.dumps(buffer))])
+        await wait_for(receiver, "/hook", 1)
+        await asyncio.sleep(1.5)  # nothing else comes
+        assert len(receiver.at("/hook")) == 1
+        event = Webhook(secret).verify(
+            receiver.at("/hook")[0].body, receiver.at("/hook")[0].headers
+        )
+        assert event["type"] == "alert.resolved"
+        assert event["data"]["late"] is True
+        assert event["data"]["extreme_value"] == 35.0
+        (alert,) = await alerts_of(api, made["id"])
+        assert alert["status"] == "resolved"
+        assert alert["breach_count"] == 2
+        assert alert["first_breach_at"].startswith(
+            time.strftime("%Y-%m-%dT%H:%M", time.gmtime((base + 60_000) / 1000))
+        )
+
+
+async def test_an_email_channel_sends_one_mail_per_event_through_a_local_smtp_server(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A real SMTP conversation with aiosmtpd on a free loopback port."""
+    from aiosmtpd.controller import Controller
+
+    class Inbox:
+        def __init__(self) -> None:
+            self.mails: list[tuple[str, list[str], str]] = []
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            self.mails.append(
+                (envelope.mail_from, list(envelope.rcpt_tos), envelope.content.decode())
+            )
+            return "250 OK"
+
+    inbox = Inbox()
+    with socket.socket() as probe:  # a free port (the controller checks it by connecting)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        settings = app_settings(
+            database_url,
+            tmp_path,
+            mosquitto,
+            smtp_url=f"smtp://127.0.0.1:{port}",
+            smtp_from="alerts@iotmeter.test",
+            public_url="https://iot.example.com",
+        )
+        async with start_app(settings) as api:
+            created = await api.post(
+                "/api/v1/channels",
+                json={"name": "ops", "kind": "email", "email_to": ["ops@example.com"]},
+            )
+            assert created.status_code == 201, created.text
+            bad = await api.post(
+                "/api/v1/channels",
+                json={"name": "x", "kind": "email", "email_to": ["not an address"]},
+            )
+            assert bad.status_code == 422
+            made = await rule(
+                api,
+                kind="threshold",
+                device_id="mail-1",
+                field="t",
+                operator=">",
+                threshold=30.0,
+                severity="critical",
+                message="{device} too warm: {value}",
+            )
+            now = int(time.time() * 1000)
+            publish(mosquitto.port, [at("mail-1", now, t=35.0), at("mail-1", now + 1, t=20.0)])
+            await eventually(
+                lambda: asyncio.sleep(0, len(inbox.mails)),
+                lambda count: count >= 2,
+                what="two mails: fired and resolved",
+            )
+            (alert,) = await alerts_of(api, made["id"])
+        sender, recipients, content = inbox.mails[0]
+        assert sender == "alerts@iotmeter.test"
+        assert recipients == ["ops@example.com"]
+        assert "Subject: [iotmeter CRITICAL]" in content
+        assert "mail-1 too warm: 35" in content
+        assert f"https://iot.example.com/api/v1/alerts/{alert['id']}" in content
+        subjects = sorted(mail[2].split("Subject: ")[1].split(":")[0] for mail in inbox.mails)
+        assert subjects == ["[iotmeter CRITICAL] fired", "[iotmeter CRITICAL] resolved"]
+    finally:
+        controller.stop()

@@ -103,15 +103,22 @@ class RuleBook:
         self.database = database
         self._snapshot: Snapshot | None = None
         self._read_at = 0.0
+        self._generation = 0
 
     def invalidate(self, *_args: object) -> None:
         """Rules, channels or devices changed: read them again before the next use."""
         self._snapshot = None
+        self._generation += 1
 
     async def snapshot(self) -> Snapshot:
-        if self._snapshot is None or time.monotonic() - self._read_at > TTL_S:
-            self._snapshot = await self._read()
-            self._read_at = time.monotonic()
+        while self._snapshot is None or time.monotonic() - self._read_at > TTL_S:
+            generation = self._generation
+            read_at = time.monotonic()
+            snapshot = await self._read()
+            if generation == self._generation:  # no change was committed during the read
+                self._snapshot, self._read_at = snapshot, read_at
+            else:
+                self._snapshot = None
         return self._snapshot
 
     async def _read(self) -> Snapshot:

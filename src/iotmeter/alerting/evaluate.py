@@ -10,6 +10,7 @@ clock may be wrong; its silence is measured by ours).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ OPERATORS: tuple[str, ...] = (">", ">=", "<", "<=", "outside")
 EventKind = Literal["fired", "breach", "resolved", "suppressed"]
 US_PER_S = 1_000_000
 US_PER_MIN = 60_000_000
+_NOTHING: tuple[Event, ...] = ()
+"""Returned when nothing happened (no list made per quiet reading)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +151,24 @@ def cleared(rule: Rule, value: float) -> bool:
     return value > threshold + h
 
 
-def step(rule: Rule, state: State, device_id: str, at_us: int, value: float) -> list[Event]:
+def step(rule: Rule, state: State, device_id: str, at_us: int, value: float) -> Sequence[Event]:
     """Evaluate one reading of the rule's field (device time `at_us`). Late readings (not newer
     than the last evaluated) change nothing."""
     if state.last_epoch_us is not None and at_us <= state.last_epoch_us:
-        return []
+        return _NOTHING
+    if rule.kind == "threshold" and not state.firing and state.pending_since_us is None:
+        # The common case, kept cheap (it runs for every reading of every rule): quiet.
+        op, threshold = rule.operator, rule.threshold
+        if op == ">":
+            quiet = value <= threshold  # type: ignore[operator]
+        elif op == "<":
+            quiet = value >= threshold  # type: ignore[operator]
+        else:
+            quiet = not breached(rule, value)
+        if quiet:
+            state.last_epoch_us = at_us
+            state.last_value = value
+            return _NOTHING
     previous_value, previous_at = state.last_value, state.last_epoch_us
     state.last_epoch_us = at_us
     state.last_value = value
@@ -162,7 +178,7 @@ def step(rule: Rule, state: State, device_id: str, at_us: int, value: float) -> 
         clear = cleared(rule, value)
     elif rule.kind == "rate_of_change":
         if previous_value is None or previous_at is None:
-            return []
+            return _NOTHING
         measured = (value - previous_value) / ((at_us - previous_at) / US_PER_MIN)
         breach = breached(rule, measured)
         clear = cleared(rule, measured)
@@ -171,7 +187,7 @@ def step(rule: Rule, state: State, device_id: str, at_us: int, value: float) -> 
         breach = _anomalous(rule, state, value)
         clear = not breach
     else:
-        return []
+        return _NOTHING
     return _transition(rule, state, device_id, at_us, measured, breach, clear)
 
 

@@ -30,14 +30,17 @@ import ipaddress
 import logging
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.message import EmailMessage
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import aiomqtt
+import aiosmtplib
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
@@ -145,13 +148,85 @@ class Outcome:
     response: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class MailServer:
+    """`smtp://user:password@host:587` (STARTTLS when offered; `?starttls=required` insists) or
+    `smtps://user:password@host:465` (TLS from the first byte)."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    use_tls: bool
+    start_tls: bool | None
+    sender: str
+    ca_file: str | None
+    public_url: str
+
+    @classmethod
+    def from_url(cls, url: str, *, sender: str, ca_file: str | None, public_url: str) -> MailServer:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError("the mail server must be smtp://host:port or smtps://host:port")
+        use_tls = parts.scheme == "smtps"
+        required = "starttls=required" in parts.query
+        return cls(
+            host=parts.hostname,
+            port=parts.port or (465 if use_tls else 587),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            use_tls=use_tls,
+            start_tls=None if not required and not use_tls else (True if required else None),
+            sender=sender,
+            ca_file=ca_file,
+            public_url=public_url.rstrip("/"),
+        )
+
+
+def mail_for(server: MailServer, recipients: list[str], payload: dict[str, Any]) -> EmailMessage:
+    """One mail per event: the alert's facts and a link to it."""
+    data = payload.get("data", {})
+    kind = str(payload.get("type", "alert")).removeprefix("alert.")
+    message = EmailMessage()
+    message["From"] = server.sender
+    message["To"] = ", ".join(recipients)
+    severity = str(data.get("severity") or "info").upper()
+    subject = f"[iotmeter {severity}] {kind}: {data.get('message') or data.get('device_id', '')}"
+    message["Subject"] = " ".join(subject.split())[:200]
+    lines = [f"{kind.capitalize()}: {data.get('message', '')}", ""]
+    for name in (
+        "device_id",
+        "rule",
+        "field",
+        "value",
+        "limit",
+        "extreme_value",
+        "breach_count",
+        "first_breach_at",
+        "last_breach_at",
+        "at",
+    ):
+        if data.get(name) is not None:
+            lines.append(f"{name.replace('_', ' ')}: {data[name]}")
+    if data.get("alert_id") is not None:
+        lines += ["", f"{server.public_url}/api/v1/alerts/{data['alert_id']}"]
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
 class Notifier:
     def __init__(
-        self, database: Database, *, allow_private: bool, broker: BrokerAddress | None
+        self,
+        database: Database,
+        *,
+        allow_private: bool,
+        broker: BrokerAddress | None,
+        mail: MailServer | None = None,
     ) -> None:
         self.database = database
         self.allow_private = allow_private
         self.broker = broker
+        self.mail = mail
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._slots = asyncio.Semaphore(CONCURRENCY)
@@ -194,7 +269,14 @@ class Notifier:
         channels = NotificationChannel.__table__
         async with self.database.transaction() as session:
             query = (
-                select(table, channels.c.kind, channels.c.url, channels.c.secret, channels.c.topic)
+                select(
+                    table,
+                    channels.c.kind,
+                    channels.c.url,
+                    channels.c.secret,
+                    channels.c.topic,
+                    channels.c.email_to,
+                )
                 .join(channels, channels.c.id == table.c.channel_id)
                 .where(table.c.status == "pending", table.c.next_attempt_at <= now)
                 .order_by(table.c.next_attempt_at)
@@ -221,6 +303,8 @@ class Notifier:
             async with self._slots:
                 if row["kind"] == "mqtt":
                     outcome = await self._publish(row)
+                elif row["kind"] == "email":
+                    outcome = await self._mail(row)
                 else:
                     outcome = await self._post(http, row)
             await self._record(row, outcome)
@@ -291,6 +375,36 @@ class Notifier:
                 False, None, (time.perf_counter() - started) * 1000, f"MQTT: {exc}", None
             )
         return Outcome(True, None, (time.perf_counter() - started) * 1000, None, None)
+
+    async def _mail(self, row: dict[str, Any]) -> Outcome:
+        started = time.perf_counter()
+        server = self.mail
+        if server is None:
+            return Outcome(False, None, 0.0, "no mail server: set IOTMETER_SMTP_URL", None)
+        recipients = list(row["email_to"] or [])
+        context = ssl.create_default_context(cafile=server.ca_file)
+        try:
+            errors, answer = await aiosmtplib.send(
+                mail_for(server, recipients, row["payload"]),
+                sender=server.sender,
+                recipients=recipients,
+                hostname=server.host,
+                port=server.port,
+                username=server.username,
+                password=server.password,
+                use_tls=server.use_tls,
+                start_tls=server.start_tls,
+                tls_context=context,
+                timeout=TIMEOUT_S,
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            latency = (time.perf_counter() - started) * 1000
+            return Outcome(False, None, latency, f"SMTP: {type(exc).__name__}: {exc}", None)
+        latency = (time.perf_counter() - started) * 1000
+        if errors:
+            refused = ", ".join(f"{address}: {reply.code}" for address, reply in errors.items())
+            return Outcome(False, None, latency, f"recipients refused: {refused}", answer[:1024])
+        return Outcome(True, None, latency, None, answer[:1024])
 
     async def _record(self, row: dict[str, Any], outcome: Outcome) -> None:
         now = utcnow()

@@ -12,8 +12,8 @@ Late and out-of-order readings. Within a batch each device's readings are evalua
 time. A reading older than the newest one a rule has evaluated for that device is stored but
 not evaluated (`late_skipped`), so a device flushing an old buffer never re-opens what has
 cleared. A breach that begins and clears within one batch (a buffer flushed after an outage)
-is recorded as a resolved alert with its device times, notified once as `alert.resolved`,
-never as a new `alert.fired`.
+on readings more than `LATE_S` old is recorded as a resolved alert with its device times,
+notified once as `alert.resolved` (`late: true`), never as a new `alert.fired`.
 
 `no_data` rules run on the clock (each second), only while the sink is caught up with the
 spool (its newest record arrived within `CAUGHT_UP_S`), so a backlog after a restart does not
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 SAVE_EVERY_S = 5.0
 TICK_S = 1.0
 CAUGHT_UP_S = 5.0
+LATE_S = 60.0
 OPEN = ("active", "acknowledged")
 
 
@@ -59,6 +60,10 @@ def _time(epoch_us: int | None) -> datetime | None:
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _device_time(reading: ReadingSet) -> int:
+    return reading.epoch_us
 
 
 class AlertSink:
@@ -136,27 +141,41 @@ class AlertSink:
     def _evaluate(self, snapshot: Snapshot, readings: list[ReadingSet]) -> list[Event]:
         by_device: dict[str, list[ReadingSet]] = {}
         for reading in readings:
-            by_device.setdefault(reading.device_id, []).append(reading)
+            found = by_device.get(reading.device_id)
+            if found is None:
+                by_device[reading.device_id] = [reading]
+            else:
+                found.append(reading)
         events: list[Event] = []
         for device_id, device_readings in by_device.items():
             rules = snapshot.for_device(device_id, device_readings[0].device_type or "unknown")
             if not rules.by_field and not rules.no_data:
                 continue
-            device_readings.sort(key=lambda reading: reading.epoch_us)
-            for reading in device_readings:
-                for name, value in reading.values.items():
-                    for rule in rules.by_field.get(name, ()):
-                        state = self._state(rule, device_id)
-                        if state.last_epoch_us is not None and reading.epoch_us <= (
-                            state.last_epoch_us
-                        ):
+            if len(device_readings) > 1:
+                device_readings.sort(key=_device_time)
+            # Per rule, its state looked up once per batch, then every reading in device time.
+            for name, field_rules in rules.by_field.items():
+                for rule in field_rules:
+                    state = self._state(rule, device_id)
+                    for reading in device_readings:
+                        value = reading.values.get(name)
+                        if value is None:
+                            continue
+                        last = state.last_epoch_us
+                        if last is not None and reading.epoch_us <= last:
                             self.late_skipped += 1
                             continue
-                        events.extend(step(rule, state, device_id, reading.epoch_us, float(value)))
-                for rule in rules.no_data:
+                        found_events = step(rule, state, device_id, reading.epoch_us, value)
+                        if found_events:
+                            events.extend(found_events)
+            for rule in rules.no_data:
+                state = self._state(rule, device_id)
+                for reading in device_readings:
                     if rule.field is None or rule.field in reading.values:
-                        state = self._state(rule, device_id)
                         events.extend(heard(rule, state, device_id, reading.received_at_us))
+        # Events of one (rule, device) are in device time; across them, in device time too.
+        if len(events) > 1:
+            events.sort(key=lambda event: event.at_us)
         return events
 
     def _tick(self, snapshot: Snapshot) -> list[Event]:
@@ -266,8 +285,10 @@ class AlertSink:
                 last_breach.pop(key, None)
                 alert_id = await _resolve_alert(session, event)
                 if alert_id is not None:
-                    late = key in fired_here
-                    if late:  # opened and cleared within one batch: one event, not two
+                    # Opened and cleared within one batch, on readings already old (a buffer
+                    # flushed after an outage): one event, not a "fired" that is history.
+                    late = key in fired_here and event.at_us < _now_us() - LATE_S * 1_000_000
+                    if late:
                         notifications = [
                             n
                             for n in notifications

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, Field, StringConstraints, model_validator
 from sqlalchemy import func, select
 
 from iotmeter.alerting.book import rule_of
-from iotmeter.alerting.evaluate import State, heard, render, step, tick
+from iotmeter.alerting.evaluate import Event, State, heard, render, step, tick
 from iotmeter.api.deps import AFTER_COMMIT, SessionDep, StateDep
 from iotmeter.api.schemas import (
     MAX_ID,
@@ -339,12 +339,13 @@ async def backtest(
         open_alert: dict[str, Any] | None = None
         last_us = start_us
         for epoch_us, value in series:
+            events: list[Event]
             if rule.kind == "no_data":
                 events = tick(rule, device_state, device_id, epoch_us, last_us)
                 events += heard(rule, device_state, device_id, epoch_us)
                 last_us = epoch_us
             else:
-                events = step(rule, device_state, device_id, epoch_us, float(value))
+                events = list(step(rule, device_state, device_id, epoch_us, float(value)))
             for event in events:
                 if event.kind == "fired":
                     open_alert = {

@@ -40,6 +40,13 @@ Topic = Annotated[
         description="MQTT topic; `{device_id}` is filled in.", examples=["iot/{device_id}/alerts"]
     ),
 ]
+Address = Annotated[
+    str,
+    StringConstraints(
+        max_length=254, pattern=r"^[^@\s\u0000<>,;]+@[^@\s\u0000<>,;]+\.[^@\s\u0000<>,;]+$"
+    ),
+    Field(examples=["ops@example.com"]),
+]
 Secret = Annotated[
     str,
     StringConstraints(pattern=r"^whsec_[A-Za-z0-9+/=]{24,200}$"),
@@ -53,8 +60,11 @@ def new_secret() -> str:
 
 class ChannelCreate(InputModel):
     name: DisplayName
-    kind: Literal["webhook", "mqtt"]
+    kind: Literal["webhook", "mqtt", "email"]
     url: Url | None = Field(None, description="Webhook: the receiver's http(s) URL.")
+    email_to: list[Address] | None = Field(
+        None, min_length=1, max_length=20, description="Email: the recipients."
+    )
     secret: Secret | None = Field(None, description="Webhook: omit to have one made.")
     topic: Topic | None = None
     min_severity: AlertSeverity = "info"
@@ -69,6 +79,8 @@ class ChannelCreate(InputModel):
             raise ValueError("a webhook channel needs a url")
         if self.kind == "mqtt" and self.topic is None:
             raise ValueError("an mqtt channel needs a topic")
+        if self.kind == "email" and not self.email_to:
+            raise ValueError("an email channel needs email_to, a list of addresses")
         return self
 
 
@@ -76,6 +88,7 @@ class ChannelUpdate(InputModel):
     name: DisplayName | None = None
     url: Url | None = None
     topic: Topic | None = None
+    email_to: list[Address] | None = Field(None, min_length=1, max_length=20)
     min_severity: AlertSeverity | None = None
     rule_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None = Field(None, max_length=1000)
     enabled: bool | None = None
@@ -87,6 +100,7 @@ class ChannelRead(OutputModel):
     kind: str
     url: str | None
     topic: str | None
+    email_to: list[str] | None = None
     min_severity: str
     rule_ids: list[int] | None
     enabled: bool
@@ -184,8 +198,17 @@ async def update_channel(
         _check_url(changes["url"], state.settings.webhook_allow_private)
     if "topic" in changes and channel.kind != "mqtt":
         raise ValidationFailed("only an mqtt channel has a topic")
+    if "email_to" in changes and channel.kind != "email":
+        raise ValidationFailed("only an email channel has email_to")
     for name, value in changes.items():
-        if value is None and name in ("name", "min_severity", "enabled", "url", "topic"):
+        if value is None and name in (
+            "name",
+            "min_severity",
+            "enabled",
+            "url",
+            "topic",
+            "email_to",
+        ):
             raise ValidationFailed(f"{name} cannot be null")
         setattr(channel, name, value)
     await session.flush()

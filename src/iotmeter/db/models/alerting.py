@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from iotmeter.db.base import Base, BigIntId, JSONType, utcnow
 
 RULE_KINDS = ("threshold", "rate_of_change", "no_data", "anomaly")
-CHANNEL_KINDS = ("webhook", "mqtt")
+CHANNEL_KINDS = ("webhook", "mqtt", "email")
 NOTIFICATION_STATUSES = ("pending", "delivered", "failed")
 
 
@@ -69,7 +69,7 @@ class AlertRuleState(Base):
 
 
 class NotificationChannel(Base):
-    """Where alert events go: a webhook (Standard Webhooks signed) or an MQTT topic."""
+    """Where alert events go: a webhook (Standard Webhooks signed), an MQTT topic or email."""
 
     __tablename__ = "notification_channels"
     __table_args__ = (CheckConstraint(f"kind IN {CHANNEL_KINDS!r}", name="kind"),)
@@ -80,6 +80,7 @@ class NotificationChannel(Base):
     url: Mapped[str | None] = mapped_column(Text)
     secret: Mapped[str | None] = mapped_column(String(200))
     topic: Mapped[str | None] = mapped_column(String(256))
+    email_to: Mapped[list[str] | None] = mapped_column(JSONType)
     min_severity: Mapped[str] = mapped_column(String(16), default="info")
     rule_ids: Mapped[list[int] | None] = mapped_column(JSONType)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
