@@ -122,6 +122,7 @@ async def open_state(
         )
         if broker is not None and settings.collector_enabled:
             alerts = AlertSink(database, directory, book, wake_notifier=state.notifier.wake)
+            state.alert_sink = alerts
             sinks = build_sinks(
                 settings, database, timeseries, archive, directory, state.stats, series, alerts
             )

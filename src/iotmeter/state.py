@@ -18,6 +18,7 @@ from iotmeter.storage.timeseries.base import TimeSeriesStore
 
 if TYPE_CHECKING:
     from iotmeter.alerting.notify import Notifier
+    from iotmeter.alerting.sink import AlertSink
     from iotmeter.ingest.collector import Collector
 
 HealthCheck = Callable[[], Awaitable[str | None]]
@@ -39,6 +40,7 @@ class AppState:
     alerting_listeners: list[Callable[[], None]] = field(default_factory=list)
     """Told when alert rules or notification channels change (the alert sink's rule book)."""
     notifier: Notifier | None = None
+    alert_sink: AlertSink | None = None
     key_cache: KeyCache = field(default_factory=KeyCache)
     """Verified API keys (PostgreSQL: while listening for revocations) and their last use."""
     rate_limits: RateLimits = field(init=False)

@@ -129,7 +129,15 @@ async def test_a_threshold_rule_waits_its_duration_clears_with_hysteresis_and_si
         assert alert["breach_count"] >= 4
         # A late reading from before the alert, breaching, opens nothing.
         publish(mosquitto.port, [at("hot-1", base + 115_000, t=99.0)])
-        await asyncio.sleep(1.0)
+        stats = await eventually(
+            lambda: api.get("/api/v1/stats"),
+            lambda r: r.json()["alerting"]["late_readings_skipped"] == 1,
+            what="the late reading counted as skipped",
+        )
+        alerting = stats.json()["alerting"]
+        assert alerting["rules_enabled"] == 1
+        assert alerting["notifications_by_status"] == {"delivered": 2}
+        assert alerting["evaluated_events"] >= 2
         assert len(await alerts_of(api, made["id"])) == 1
         assert len(receiver.at("/hook")) == 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -10,7 +11,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotmeter.alerting.evaluate import Event, Rule, State, heard, render, step, tick
+from iotmeter.alerting.evaluate import (
+    Event,
+    Rule,
+    State,
+    breached,
+    heard,
+    quiet_band,
+    render,
+    step,
+    tick,
+)
 
 S = 1_000_000
 
@@ -164,3 +175,16 @@ def test_threshold_state_is_always_consistent_with_the_last_value(values: list[f
     opened = [k for k in kinds if k in ("fired", "resolved")]
     assert all(a != b for a, b in itertools.pairwise(opened))
     assert not opened or opened[0] == "fired"
+
+
+@pytest.mark.parametrize("operator", [">", ">=", "<", "<=", "outside"])
+@given(value=st.floats(-100, 100, allow_nan=False), threshold=st.floats(-50, 50))
+def test_the_quiet_band_is_exactly_the_values_that_do_not_breach(
+    operator: str, value: float, threshold: float
+) -> None:
+    """The sink's inline fast path agrees with the rule's condition, to the last bit."""
+    rule = make(operator=operator, threshold=threshold, low=threshold - 10, high=threshold + 10)
+    band = quiet_band(rule)
+    assert band is not None
+    for probe in (value, threshold, math.nextafter(threshold, 0), math.nextafter(threshold, 99)):
+        assert (band[0] <= probe <= band[1]) == (not breached(rule, probe))

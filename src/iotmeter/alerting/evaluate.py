@@ -114,6 +114,26 @@ def _copy(state: State) -> State:
     return replace(state)
 
 
+def quiet_band(rule: Rule) -> tuple[float, float] | None:
+    """For a threshold rule, the closed range of values that do not breach it (for `>` and
+    `<=`, `>=` and `<` the open ends are nudged by one ulp); None for other kinds."""
+    if rule.kind != "threshold":
+        return None
+    op, threshold = rule.operator, rule.threshold
+    if op == "outside":
+        assert rule.low is not None
+        assert rule.high is not None
+        return (rule.low, rule.high)
+    assert threshold is not None
+    if op == ">":
+        return (-math.inf, threshold)
+    if op == ">=":
+        return (-math.inf, math.nextafter(threshold, -math.inf))
+    if op == "<":
+        return (threshold, math.inf)
+    return (math.nextafter(threshold, math.inf), math.inf)
+
+
 def breached(rule: Rule, value: float) -> bool:
     """The rule's condition on a value (for `rate_of_change`, on the rate per minute)."""
     op = rule.operator

@@ -7,9 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotmeter.api.deps import SessionDep, StateDep
 from iotmeter.db.base import utcnow
+from iotmeter.db.models import AlertRule, Notification
 from iotmeter.repositories.alerts import AlertRepository
 from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.state import AppState
@@ -82,11 +85,24 @@ class LimitStats(BaseModel):
 LIMIT_REASONS = ("device_limit", "too_many_fields", "series_limit")
 
 
+class AlertingStats(BaseModel):
+    rules_enabled: int
+    notifications_by_status: dict[str, int] = Field(
+        description="The outbox: `pending` (queued or being retried), `delivered`, `failed` "
+        "(gave up after 24 h; retry them by hand)."
+    )
+    evaluated_events: int = Field(description="Rule events (fired, resolved...) since start.")
+    late_readings_skipped: int = Field(
+        description="Readings not newer than what a rule had evaluated, since start."
+    )
+
+
 class Stats(BaseModel):
     started_at: datetime
     devices: DeviceStats
     messages: MessageStats
     limits: LimitStats
+    alerting: AlertingStats
     spool: SpoolStats | None
     active_alerts_by_severity: dict[str, int]
     backends: dict[str, str]
@@ -164,6 +180,22 @@ async def device_stats(
     )
 
 
+async def _alerting_stats(state: AppState, session: AsyncSession) -> AlertingStats:
+    rules = await session.scalar(
+        select(func.count()).select_from(AlertRule).where(AlertRule.enabled.is_(True))
+    )
+    rows = await session.execute(
+        select(Notification.status, func.count()).group_by(Notification.status)
+    )
+    sink = state.alert_sink
+    return AlertingStats(
+        rules_enabled=rules or 0,
+        notifications_by_status={str(status): int(count) for status, count in rows},
+        evaluated_events=sink.events if sink is not None else 0,
+        late_readings_skipped=sink.late_skipped if sink is not None else 0,
+    )
+
+
 @router.get("/stats", summary="System statistics")
 async def stats(state: StateDep, session: SessionDep) -> Stats:
     """Devices, ingestion counters since start (messages = MQTT messages; readings = reading
@@ -196,6 +228,7 @@ async def stats(state: StateDep, session: SessionDep) -> Stats:
             max_new_series_per_device_hour=settings.max_new_series_per_device_hour,
             refused={reason: counters.rejected[reason] for reason in LIMIT_REASONS},
         ),
+        alerting=await _alerting_stats(state, session),
         spool=_spool_stats(state),
         active_alerts_by_severity=await AlertRepository(session).count_active_by_severity(),
         backends={
