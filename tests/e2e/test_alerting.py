@@ -469,3 +469,41 @@ async def test_an_email_channel_sends_one_mail_per_event_through_a_local_smtp_se
         assert subjects == ["[iotmeter CRITICAL] fired", "[iotmeter CRITICAL] resolved"]
     finally:
         controller.stop()
+
+
+async def test_an_mqtt_channel_publishes_the_event_on_the_devices_alert_topic(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    import paho.mqtt.client as mqtt
+
+    received: list[tuple[str, bytes]] = []
+    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="alert-listener")
+    listener.on_message = lambda _c, _u, message: received.append((message.topic, message.payload))
+    listener.connect("127.0.0.1", mosquitto.port)
+    listener.subscribe("iot/+/alerts", qos=1)
+    listener.loop_start()
+    try:
+        settings = app_settings(database_url, tmp_path, mosquitto)
+        async with start_app(settings) as api:
+            created = await api.post(
+                "/api/v1/channels",
+                json={"name": "siren", "kind": "mqtt", "topic": "iot/{device_id}/alerts"},
+            )
+            assert created.status_code == 201, created.text
+            await rule(
+                api, kind="threshold", device_id="mq-1", field="t", operator=">", threshold=1.0
+            )
+            publish(mosquitto.port, [at("mq-1", int(time.time() * 1000), t=5.0)])
+            await eventually(
+                lambda: asyncio.sleep(0, len(received)),
+                lambda count: count >= 1,
+                what="the alert on iot/mq-1/alerts",
+            )
+        topic, payload = received[0]
+        assert topic == "iot/mq-1/alerts"
+        event = orjson.loads(payload)
+        assert event["type"] == "alert.fired"
+        assert event["data"]["device_id"] == "mq-1"
+    finally:
+        listener.loop_stop()
+        listener.disconnect()

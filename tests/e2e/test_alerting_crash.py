@@ -136,6 +136,14 @@ async def test_a_pending_duration_survives_a_sigkill(tmp_path: Path, mosquitto: 
             lambda body: body is not None and body["spool"]["lag_by_sink"]["registry"] == 0,
             what="both readings taken",
         )
+        states = await eventually(
+            lambda: call(app, "GET", f"/api/v1/alert-rules/{made.json()['id']}/devices"),
+            lambda r: r.status_code == 200 and r.json() and r.json()[0]["status"] == "pending",
+            what="the rule pending for p-1",
+        )
+        assert states.json()[0]["pending_since"].startswith(
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(base / 1000))
+        )
         await asyncio.sleep(0.5)
         app.kill()
         await app.start("ready")

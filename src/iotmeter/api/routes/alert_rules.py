@@ -26,7 +26,7 @@ from iotmeter.api.schemas import (
 )
 from iotmeter.api.timerange import format_time, parse_instant_us
 from iotmeter.db.base import utcnow
-from iotmeter.db.models import AlertRule, Device
+from iotmeter.db.models import AlertRule, AlertRuleState, Device
 from iotmeter.errors import NotFound, ValidationFailed
 from iotmeter.ids import FIELD_NAME_RE
 from iotmeter.storage.timeseries.base import SeriesQuery
@@ -281,6 +281,63 @@ async def delete_rule(rule_id: RuleIdPath, session: SessionDep, state: StateDep)
     rule = await _get(session, rule_id)
     await session.delete(rule)
     session.info.setdefault(AFTER_COMMIT, []).append(state.alert_rules_changed)
+
+
+class RuleDeviceState(OutputModel):
+    device_id: str
+    status: Literal["ok", "pending", "firing"] = Field(
+        description="`pending`: the condition holds but not yet for `duration_s`."
+    )
+    pending_since: str | None
+    last_value: float | None
+    last_reading_at: str | None
+    breach_count: int
+    suppressed: int
+
+
+@router.get("/{rule_id}/devices", responses=NOT_FOUND, summary="The rule's state per device")
+async def rule_devices(
+    rule_id: RuleIdPath, session: SessionDep, state: StateDep
+) -> list[RuleDeviceState]:
+    """Each device the rule has seen: ok, pending (since when) or firing, with its last value.
+    Live from the evaluating sink when this process runs it, else as last saved (at most a few
+    seconds old)."""
+    await _get(session, rule_id)
+    states: dict[str, State] = {}
+    sink = state.alert_sink
+    if sink is not None:
+        states = {
+            device_id: found
+            for (owner, device_id), found in list(sink.states.items())
+            if owner == rule_id
+        }
+    else:
+        rows = await session.execute(
+            select(AlertRuleState.device_id, AlertRuleState.state).where(
+                AlertRuleState.rule_id == rule_id
+            )
+        )
+        states = {str(device_id): State.from_json(data) for device_id, data in rows}
+    return [
+        RuleDeviceState(
+            device_id=device_id,
+            status="firing"
+            if found.firing
+            else "pending"
+            if found.pending_since_us is not None
+            else "ok",
+            pending_since=format_time(found.pending_since_us)
+            if found.pending_since_us is not None and not found.firing
+            else None,
+            last_value=found.last_value,
+            last_reading_at=format_time(found.last_epoch_us)
+            if found.last_epoch_us is not None
+            else None,
+            breach_count=found.breaches,
+            suppressed=found.suppressed,
+        )
+        for device_id, found in sorted(states.items())
+    ]
 
 
 @router.post(
