@@ -353,8 +353,13 @@ async def _upsert_states(session: AsyncSession, rows: list[dict[str, Any]]) -> N
         await connection.execute(statement, rows[start : start + 1000])
 
 
-def _open_alert_where() -> Any:
-    return and_(DeviceAlert.rule_id.is_not(None), DeviceAlert.status.in_(OPEN))
+def _open_alert_of(event: Event) -> Any:
+    """The rule's open alert for the event's device (at most one: the partial unique index)."""
+    return and_(
+        DeviceAlert.rule_id == event.rule.id,
+        DeviceAlert.device_id == event.device_id,
+        DeviceAlert.status.in_(OPEN),
+    )
 
 
 async def _open_alert(session: AsyncSession, event: Event) -> int | None:
@@ -400,11 +405,7 @@ async def _resolve_alert(session: AsyncSession, event: Event) -> int | None:
     state = event.state
     alert_id = await session.scalar(
         update(DeviceAlert)
-        .where(
-            DeviceAlert.rule_id == event.rule.id,
-            DeviceAlert.device_id == event.device_id,
-            DeviceAlert.status.in_(OPEN),
-        )
+        .where(_open_alert_of(event))
         .values(
             status="resolved",
             resolved_at=utcnow(),
@@ -421,11 +422,7 @@ async def _note_breach(session: AsyncSession, event: Event) -> None:
     state = event.state
     await session.execute(
         update(DeviceAlert)
-        .where(
-            DeviceAlert.rule_id == event.rule.id,
-            DeviceAlert.device_id == event.device_id,
-            DeviceAlert.status.in_(OPEN),
-        )
+        .where(_open_alert_of(event))
         .values(
             last_breach_at=_time(state.last_breach_us),
             extreme_value=state.extreme,
