@@ -54,6 +54,13 @@ class ValidationFailed(IotmeterError):
     code = "invalid_request"
 
 
+class Unprocessable(IotmeterError):
+    """Well-formed input that makes no sense as a whole (a rule whose fields contradict)."""
+
+    status_code = 422
+    code = "unprocessable"
+
+
 class BackendUnavailable(IotmeterError):
     """A service iotmeter depends on (database, broker, store) cannot be reached."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from standardwebhooks import Webhook
 from tests.e2e.conftest import start_app
 from tests.e2e.test_ingest_e2e import publish
 from tests.e2e.test_ingest_rules import app_settings
+from tests.e2e.test_serve_options import self_signed
 from tests.fixtures.receiver import Receiver, webhook_receiver
 from tests.fixtures.services import Mosquitto
 from tests.fixtures.waiting import eventually
@@ -185,6 +187,7 @@ async def test_rate_of_change_and_anomaly_rules_fire_on_what_they_watch(
             at("an-1", base + i * 1000, p=100.0 + (i % 5) * 0.5) for i in range(60)
         ]  # steady around 101
         messages.append(at("an-1", base + 61_000, p=180.0))  # far outside
+        messages.append(at("an-1", base + 62_000, p=101.0))  # back: resolves
         publish(mosquitto.port, messages)
         rate_alerts = await eventually(
             lambda: alerts_of(api, falling["id"]),
@@ -194,8 +197,8 @@ async def test_rate_of_change_and_anomaly_rules_fire_on_what_they_watch(
         assert rate_alerts[0]["value"] == pytest.approx(-11.0)
         anomaly_alerts = await eventually(
             lambda: alerts_of(api, odd["id"]),
-            lambda found: len(found) == 1,
-            what="the anomaly alert",
+            lambda found: len(found) == 1 and found[0]["status"] == "resolved",
+            what="the anomaly alert fired and resolved",
         )
         assert anomaly_alerts[0]["value"] == 180.0
 
@@ -399,10 +402,12 @@ async def test_a_buffer_flushed_after_an_outage_notifies_a_cleared_breach_once_a
         )
 
 
+@pytest.mark.parametrize("security", ["plain", "starttls"])
 async def test_an_email_channel_sends_one_mail_per_event_through_a_local_smtp_server(
-    database_url: str, tmp_path: Path, mosquitto: Mosquitto
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, security: str
 ) -> None:
-    """A real SMTP conversation with aiosmtpd on a free loopback port."""
+    """A real SMTP conversation with aiosmtpd on a free loopback port: in the clear, and with
+    STARTTLS required by both sides, the server's certificate checked against a CA file."""
     from aiosmtpd.controller import Controller
 
     class Inbox:
@@ -419,16 +424,24 @@ async def test_an_email_channel_sends_one_mail_per_event_through_a_local_smtp_se
     with socket.socket() as probe:  # a free port (the controller checks it by connecting)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    tls: dict[str, Any] = {}
+    smtp: dict[str, Any] = {"smtp_url": f"smtp://127.0.0.1:{port}"}
+    if security == "starttls":
+        cert, key = self_signed(tmp_path)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        tls = {"tls_context": context, "require_starttls": True}
+        smtp = {"smtp_url": f"smtp://127.0.0.1:{port}?starttls=required", "smtp_ca_file": cert}
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, **tls)
     controller.start()
     try:
         settings = app_settings(
             database_url,
             tmp_path,
             mosquitto,
-            smtp_url=f"smtp://127.0.0.1:{port}",
             smtp_from="alerts@iotmeter.test",
             public_url="https://iot.example.com",
+            **smtp,
         )
         async with start_app(settings) as api:
             created = await api.post(
@@ -507,3 +520,45 @@ async def test_an_mqtt_channel_publishes_the_event_on_the_devices_alert_topic(
     finally:
         listener.loop_stop()
         listener.disconnect()
+
+
+async def test_a_channel_test_event_is_delivered_and_its_attempts_listed(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, receiver: Receiver
+) -> None:
+    settings = app_settings(database_url, tmp_path, mosquitto, webhook_allow_private=True)
+    async with start_app(settings) as api:
+        secret = await channel(api, receiver)
+        channels = (await api.get("/api/v1/channels")).json()
+        sent = await api.post(f"/api/v1/channels/{channels[0]['id']}/test")
+        assert sent.status_code == 202, sent.text
+        await wait_for(receiver, "/hook", 1)
+        event = Webhook(secret).verify(
+            receiver.at("/hook")[0].body, receiver.at("/hook")[0].headers
+        )
+        assert event["type"] == "alert.test"
+        detail = await eventually(
+            lambda: api.get(f"/api/v1/notifications/{sent.json()['id']}"),
+            lambda r: r.json()["status"] == "delivered",
+            what="the test event recorded as delivered",
+        )
+        (attempt,) = detail.json()["history"]
+        assert attempt["status_code"] == 200
+        assert attempt["latency_ms"] > 0
+        assert "secret" not in channels[0]
+        again = await api.post(f"/api/v1/notifications/{sent.json()['id']}/retry")
+        assert again.status_code == 409  # delivered already
+
+
+async def test_a_change_that_would_break_a_rule_is_refused_and_changes_nothing(
+    api: httpx.AsyncClient,
+) -> None:
+    made = await rule(
+        api, kind="threshold", field="t", operator="outside", low=1.0, high=5.0, duration_s=10
+    )
+    broken = await api.patch(f"{RULES}/{made['id']}", json={"low": 9.0})
+    assert broken.status_code == 422, broken.text
+    assert "low (9) is above high (5)" in broken.json()["error"]["message"]
+    changed = await api.patch(f"{RULES}/{made['id']}", json={"high": 12.5, "enabled": False})
+    assert changed.status_code == 200
+    current = (await api.get(f"{RULES}/{made['id']}")).json()
+    assert (current["low"], current["high"], current["enabled"]) == (1.0, 12.5, False)

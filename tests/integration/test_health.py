@@ -67,8 +67,13 @@ async def test_ready_with_the_database_up(api: httpx.AsyncClient, settings: Sett
     expected_dialect = "sqlite" if settings.is_sqlite else "postgresql"
     assert body["backends"]["database"] == {"status": "up", "detail": expected_dialect}
     assert all(item["status"] == "up" for item in body["backends"].values()), body
-    assert set(body["tasks"]) == {"housekeeping"}
-    assert body["tasks"]["housekeeping"]["status"] == "up"
+    # The background tasks of an app without collector: clean-ups, the alert notifier, the
+    # keys' last use, and on PostgreSQL the key cache's LISTEN connection.
+    expected_tasks = {"housekeeping", "notifier", "key-use"}
+    if not settings.is_sqlite:
+        expected_tasks.add("key-cache")
+    assert set(body["tasks"]) == expected_tasks
+    assert all(task["status"] == "up" for task in body["tasks"].values()), body["tasks"]
 
 
 @pytest.mark.parametrize("app_tasks", [{"exploder": crashes}], indirect=True)

@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, status
-from pydantic import AfterValidator, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, ValidationError, model_validator
 from sqlalchemy import func, select
 
 from iotmeter.alerting.book import rule_of
@@ -27,7 +27,7 @@ from iotmeter.api.schemas import (
 from iotmeter.api.timerange import format_time, parse_instant_us
 from iotmeter.db.base import utcnow
 from iotmeter.db.models import AlertRule, AlertRuleState, Device
-from iotmeter.errors import NotFound, ValidationFailed
+from iotmeter.errors import NotFound, Unprocessable, ValidationFailed
 from iotmeter.ids import FIELD_NAME_RE
 from iotmeter.storage.timeseries.base import SeriesQuery
 
@@ -261,8 +261,9 @@ async def update_rule(
     merged.update(changes)
     try:
         RuleCreate.model_validate(merged, strict=False)
-    except ValueError as exc:
-        raise ValidationFailed(f"the rule would not be valid: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+        raise Unprocessable(f"the changed rule would not be valid: {problems}") from None
     for name, value in changes.items():
         setattr(rule, name, value)
     rule.updated_at = utcnow()
