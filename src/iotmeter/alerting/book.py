@@ -12,11 +12,11 @@ from typing import Any
 from sqlalchemy import select
 
 from iotmeter.alerting.evaluate import Rule
+from iotmeter.alerting.outbox import wants
 from iotmeter.db.engine import Database
 from iotmeter.db.models import AlertRule, Device, NotificationChannel
 
 TTL_S = 30.0
-SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
 
 
 def rule_of(row: Any) -> Rule:
@@ -57,9 +57,7 @@ class Channel:
     rule_ids: frozenset[int] | None
 
     def wants(self, rule: Rule) -> bool:
-        if SEVERITY_ORDER.get(rule.severity, 0) < SEVERITY_ORDER.get(self.min_severity, 0):
-            return False
-        return self.rule_ids is None or rule.id in self.rule_ids
+        return wants(self.min_severity, self.rule_ids, rule.severity, rule.id)
 
 
 @dataclass(slots=True)

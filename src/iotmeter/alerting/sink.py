@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotmeter.alerting.book import RuleBook, Snapshot
 from iotmeter.alerting.evaluate import Event, Rule, State, heard, quiet_band, render, step, tick
+from iotmeter.alerting.outbox import notification_rows
 from iotmeter.db.base import utcnow
 from iotmeter.db.engine import Database
 from iotmeter.db.models import AlertRuleState, DeviceAlert, Notification
@@ -450,7 +450,6 @@ def _notifications(
     snapshot: Snapshot, event: Event, alert_id: int, kind: str, *, late: bool
 ) -> list[dict[str, Any]]:
     rule, state = event.rule, event.state
-    now = utcnow()
     data = {
         "alert_id": alert_id,
         "rule_id": rule.id,
@@ -469,20 +468,8 @@ def _notifications(
         "late": late,
         "at": _iso(event.at_us),
     }
-    return [
-        {
-            "channel_id": channel.id,
-            "event_id": f"msg_{uuid.uuid4().hex}",
-            "event": kind,
-            "alert_id": alert_id,
-            "payload": {"type": kind, "timestamp": now.isoformat(), "data": data},
-            "status": "pending",
-            "attempts": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-        }
-        for channel in snapshot.channels_for(rule)
-    ]
+    channel_ids = [channel.id for channel in snapshot.channels_for(rule)]
+    return notification_rows(channel_ids, kind, alert_id, data)
 
 
 def _iso(epoch_us: int | None) -> str | None:

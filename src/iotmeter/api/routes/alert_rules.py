@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, status
@@ -183,8 +184,8 @@ class RuleRead(OutputModel):
     severity: str
     message: str
     enabled: bool
-    created_at: Any
-    updated_at: Any
+    created_at: datetime
+    updated_at: datetime
 
 
 class BacktestAlert(OutputModel):
