@@ -65,7 +65,17 @@ class _SimulatorSettings(BaseSettings):
         None, description="Broker of the simulator; unset: the broker the collector uses."
     )
     simulator_devices_per_connection: int = Field(
-        500, ge=1, description="Simulated devices that share one MQTT connection."
+        500,
+        ge=1,
+        description="Simulated devices that share one MQTT connection (when "
+        "`IOTMETER_SIMULATOR_DEVICE_CHANNEL` is off).",
+    )
+    simulator_device_channel: bool = Field(
+        True,
+        description="Each simulated device has its own connection (client id and username = "
+        "its id, a last will on `iot/{id}/status`), applies the configuration pushed to it "
+        "(`interval_s`, `enabled`) and reports it. Off: devices share connections and only "
+        "publish telemetry. Always on when device authentication is on.",
     )
     simulator_spike_rate: float = Field(
         0.0, ge=0, le=1, description="Share of messages with an injected spike (for alerting)."
@@ -259,6 +269,71 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
         max_length=64,
         description="Client id of the collector's persistent MQTT session. Unset: one made "
         "for the spool folder and kept in it (`mqtt-client-id`).",
+    )
+
+    mqtt_ca_file: Path | None = Field(
+        None,
+        description="CA certificate (PEM) that `mqtts://` broker URLs are verified against. "
+        "Unset: the system's trusted CAs.",
+    )
+    mqtt_embedded_ws_port: int = Field(
+        9001,
+        ge=0,
+        le=65535,
+        description="Port of the embedded broker's MQTT-over-WebSocket listener (on "
+        "`IOTMETER_MQTT_EMBEDDED_HOST`); 0: none.",
+    )
+    mqtt_embedded_tls_port: int = Field(
+        8883,
+        ge=0,
+        le=65535,
+        description="Port of the embedded broker's MQTT-over-TLS listener, opened when "
+        "`IOTMETER_MQTT_EMBEDDED_TLS_CERT_FILE` is set; 0: none.",
+    )
+    mqtt_embedded_tls_cert_file: Path | None = Field(
+        None, description="Certificate chain (PEM) of the embedded broker's TLS listener."
+    )
+    mqtt_embedded_tls_key_file: Path | None = Field(
+        None, description="Private key (PEM) of the embedded broker's TLS listener."
+    )
+    mqtt_device_auth: bool | None = Field(
+        None,
+        description="Devices connect only with their own credentials (username and client id "
+        "= device id) and reach only their own topics. Unset: on when the embedded broker "
+        "listens on an address other than loopback, else off (Mosquitto 2.0's default).",
+    )
+    device_credential_secret: SecretStr | None = Field(
+        None,
+        description="Secret that device MQTT passwords are derived from (with a nonce kept in "
+        "the registry), so iotmeter can rebuild a broker's accounts. Unset: made once and kept "
+        "in `data/device-credential.secret`. Every iotmeter process of one registry needs the "
+        "same secret.",
+    )
+    device_credential_secret_file: Path = Field(
+        Path("./data/device-credential.secret"),
+        description="Where the generated credential secret is kept when none is set.",
+    )
+    device_ca_cert_file: Path | None = Field(
+        None,
+        description="CA certificate (PEM) that signs device certificates "
+        "(`POST /api/v1/devices/{id}/certificate`) and that the embedded broker's TLS "
+        "listener accepts device certificates from.",
+    )
+    device_ca_key_file: Path | None = Field(
+        None, description="Private key (PEM) of `IOTMETER_DEVICE_CA_CERT_FILE`."
+    )
+    device_certificate_days: int = Field(
+        365, ge=1, le=3650, description="Validity of the device certificates iotmeter signs."
+    )
+    device_crl_file: Path | None = Field(
+        None,
+        description="Where iotmeter writes the certificate revocation list (PEM) of the "
+        "device CA, for Mosquitto's `crlfile`. Unset: `data/device-ca.crl` when a CA is set.",
+    )
+    config_push_enabled: bool = Field(
+        True,
+        description="Publish each device's desired configuration, retained, to "
+        "`iot/{id}/config`, and record what devices report and their connection status.",
     )
 
     # InfluxDB 2.x (optional; without it the SQL time-series store is used).
@@ -502,6 +577,17 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
                 f"{env_name('http_tls_cert_file')} and {env_name('http_tls_key_file')} go "
                 "together: set both for HTTPS, or neither"
             )
+        if (self.device_ca_cert_file is None) != (self.device_ca_key_file is None):
+            problems.append(
+                f"{env_name('device_ca_cert_file')} and {env_name('device_ca_key_file')} go "
+                "together: set both to sign device certificates, or neither"
+            )
+        if (self.mqtt_embedded_tls_cert_file is None) != (self.mqtt_embedded_tls_key_file is None):
+            problems.append(
+                f"{env_name('mqtt_embedded_tls_cert_file')} and "
+                f"{env_name('mqtt_embedded_tls_key_file')} go together: set both for the "
+                "embedded broker's TLS listener, or neither"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -509,6 +595,18 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def embedded_broker_is_local(self) -> bool:
+        """The embedded broker listens on loopback only."""
+        return self.mqtt_embedded_host in ("127.0.0.1", "::1", "localhost")
+
+    @property
+    def device_auth(self) -> bool:
+        """Whether devices must authenticate (explicit, or implied by a non-loopback bind)."""
+        if self.mqtt_device_auth is not None:
+            return self.mqtt_device_auth
+        return self.mqtt_url in ("auto", "embedded") and not self.embedded_broker_is_local
 
     @property
     def auto_migrate(self) -> bool:

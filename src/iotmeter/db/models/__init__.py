@@ -13,6 +13,7 @@ from iotmeter.db.models.audit import AuditEntry
 from iotmeter.db.models.dead_letter import DeadLetter
 from iotmeter.db.models.device import Device
 from iotmeter.db.models.device_config import DeviceConfig
+from iotmeter.db.models.device_credential import DeviceCertificate, DeviceCredential
 from iotmeter.db.models.device_series import DeviceSeries
 from iotmeter.db.models.telemetry import LatestPoint, TelemetryPoint
 
@@ -25,7 +26,9 @@ __all__ = [
     "DeliveryAttempt",
     "Device",
     "DeviceAlert",
+    "DeviceCertificate",
     "DeviceConfig",
+    "DeviceCredential",
     "DeviceSeries",
     "LatestPoint",
     "Notification",
