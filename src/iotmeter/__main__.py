@@ -87,8 +87,29 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         f"on {broker.split('@')[-1]}; Ctrl-C stops",
         file=sys.stderr,
     )
+
+    async def simulate() -> None:
+        password_for = None
+        if settings.device_auth:
+            # Each simulated device connects with its own credential, from the registry.
+            from iotmeter.db.engine import Database, build_engine
+            from iotmeter.devicelink.credentials import credential_secret
+            from iotmeter.devicelink.provision import simulator_passwords
+
+            configured = settings.device_credential_secret
+            secret = credential_secret(
+                configured.get_secret_value() if configured else None,
+                settings.device_credential_secret_file,
+            )
+            database = Database(build_engine(settings.database_url))
+            try:
+                password_for = await simulator_passwords(settings, database, secret)
+            finally:
+                await database.close()
+        await run_simulator(settings, broker, password_for=password_for)
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_simulator(settings, broker))
+        asyncio.run(simulate())
     return 0
 
 

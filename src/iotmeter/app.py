@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -29,6 +30,7 @@ from iotmeter.api.routes import (
     audit,
     channels,
     dead_letters,
+    device_access,
     devices,
     health,
     keys,
@@ -39,6 +41,17 @@ from iotmeter.api.routes import (
 from iotmeter.config import Settings, load_settings
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.migrate import upgrade_async
+from iotmeter.devicelink.certificates import DeviceCA
+from iotmeter.devicelink.channel import DeviceChannel
+from iotmeter.devicelink.credentials import derive_password
+from iotmeter.devicelink.dynsec import BrokerAccounts
+from iotmeter.devicelink.provision import simulator_passwords
+from iotmeter.devicelink.registry import (
+    RegistryAccounts,
+    RegistryCredentialCheck,
+    RevocationList,
+)
+from iotmeter.devicelink.tls import mqtt_tls_context
 from iotmeter.ingest.broker import open_broker
 from iotmeter.ingest.collector import Collector, build_sinks
 from iotmeter.ingest.directory import DeviceDirectory
@@ -54,6 +67,8 @@ from iotmeter.state import AppState
 from iotmeter.storage.factory import open_archive, open_timeseries
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CRL_FILE = Path("./data/device-ca.crl")
 
 BackgroundTask = Callable[[AppState], Coroutine[Any, Any, None]]
 """A long-running part of the app: gets the shared state, loops until cancelled."""
@@ -80,10 +95,6 @@ async def open_state(
         await _prepare(settings, database)
         timeseries = await stack.enter_async_context(open_timeseries(settings, database))
         archive = await stack.enter_async_context(open_archive(settings))
-        broker = None
-        if settings.collector_enabled or settings.simulator_enabled:
-            broker = await stack.enter_async_context(open_broker(settings))
-
         supervisor = TaskSupervisor()
         state = AppState(
             settings=settings,
@@ -91,8 +102,17 @@ async def open_state(
             timeseries=timeseries,
             archive=archive,
             supervisor=supervisor,
-            broker=broker,
         )
+        check = RegistryCredentialCheck(database)
+        state.credential_listeners.append(check.forget)
+        broker = None
+        if settings.collector_enabled or settings.simulator_enabled:
+            secret = state.device_secret() if settings.device_auth else None
+            broker = await stack.enter_async_context(
+                open_broker(settings, check=check, service_secret=secret)
+            )
+            state.broker = broker
+        _open_device_channel(state)
         state.health_checks.update(
             database=partial(_database_health, database),
             timeseries=timeseries.health,
@@ -150,7 +170,7 @@ async def open_state(
 async def _prepare(settings: Settings, database: Database) -> None:
     """Warn when auth is off; on a first start, make the admin key and say where it is.
     Register the in-process simulator's devices, so they exist before their first message."""
-    if settings.simulator_enabled and settings.auto_register:
+    if settings.simulator_enabled and (settings.auto_register or settings.device_auth):
         devices: dict[str, str] = {d.device_id: d.kind for d in plan_devices(settings)}
         async with database.transaction() as session:
             await DeviceRepository(session).register_missing(devices)
@@ -165,13 +185,46 @@ async def _prepare(settings: Settings, database: Database) -> None:
             )
 
 
+def _open_device_channel(state: AppState) -> None:
+    """The parts of the device channel these settings call for (started with the tasks)."""
+    settings, broker, database = state.settings, state.broker, state.database
+    if settings.device_ca_cert_file is not None and settings.device_ca_key_file is not None:
+        state.device_ca = DeviceCA.load(settings.device_ca_cert_file, settings.device_ca_key_file)
+        crl_file = settings.device_crl_file or DEFAULT_CRL_FILE
+        state.revocations = RevocationList(database, state.device_ca, crl_file)
+    if broker is None:
+        return
+    if settings.device_auth and broker.origin != "embedded":
+        # Mosquitto: iotmeter keeps the broker's accounts equal to the registry's credentials.
+        accounts = BrokerAccounts(
+            broker,
+            RegistryAccounts(database),
+            partial(derive_password, state.device_secret()),
+            tls_context=mqtt_tls_context(settings.mqtt_ca_file) if broker.tls else None,
+        )
+        state.broker_accounts = accounts
+        state.credential_listeners.append(accounts.wake)
+    if settings.config_push_enabled and settings.collector_enabled:
+        state.device_channel = DeviceChannel(
+            database,
+            broker,
+            tls_context=mqtt_tls_context(settings.mqtt_ca_file) if broker.tls else None,
+        )
+
+
 def _start_tasks(state: AppState, extra_tasks: Mapping[str, BackgroundTask]) -> None:
     supervisor, settings, broker = state.supervisor, state.settings, state.broker
     if state.collector is not None:
         supervisor.start("collector", state.collector.run)
+    if state.broker_accounts is not None:
+        supervisor.start("broker-accounts", state.broker_accounts.run)
+    if state.device_channel is not None:
+        supervisor.start("device-channel", state.device_channel.run)
+    if state.revocations is not None:
+        supervisor.start("revocation-list", state.revocations.run)
     if broker is not None and settings.simulator_enabled:
         simulator_url = settings.simulator_mqtt_url or broker.url
-        supervisor.start("simulator", partial(run_simulator, settings, simulator_url))
+        supervisor.start("simulator", partial(_simulate, state, simulator_url))
     supervisor.start("housekeeping", partial(run_housekeeping, state))
     if state.notifier is not None:
         supervisor.start("notifier", state.notifier.run)
@@ -181,6 +234,17 @@ def _start_tasks(state: AppState, extra_tasks: Mapping[str, BackgroundTask]) -> 
             supervisor.start("key-cache", partial(state.key_cache.listen, settings.database_url))
     for name, task in extra_tasks.items():
         supervisor.start(name, partial(task, state))
+
+
+async def _simulate(state: AppState, broker_url: str) -> None:
+    """Run the in-process simulator; with device auth on, its devices get credentials (made
+    once, kept in the registry; their passwords are derived, never stored)."""
+    settings = state.settings
+    password_for = None
+    if settings.device_auth:
+        password_for = await simulator_passwords(settings, state.database, state.device_secret())
+        state.credentials_changed()
+    await run_simulator(settings, broker_url, password_for=password_for)
 
 
 def _settle_the_heap() -> None:
@@ -229,6 +293,7 @@ def create_app(
     # Each router straight on the app: FastAPI walks nested routers on every request.
     for router in (
         devices.router,
+        device_access.router,
         alerts.router,
         alert_rules.router,
         channels.router,

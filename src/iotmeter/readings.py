@@ -42,6 +42,10 @@ class RejectReason(StrEnum):
     REFUSED_BY_STORE = "refused_by_store"
     SINK_FAILED = "sink_failed"
     """A sink failed on this record again and again (not an outage): parked, the sink moved on."""
+    BAD_REPORTED_CONFIG = "bad_reported_config"
+    """A device's `iot/{id}/config/reported` message is not `{"version": n, "config": {...}}`."""
+    BAD_STATUS = "bad_status"
+    """A device's `iot/{id}/status` message is neither `online` nor `offline`."""
     INTERNAL_ERROR = "internal_error"
     """The decoder met an error it did not foresee: a bug, kept with the exception's type."""
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from iotmeter.api.ratelimit import RateLimits
 from iotmeter.config import Settings
 from iotmeter.db.engine import Database
+from iotmeter.devicelink.credentials import credential_secret
 from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.runtime import TaskSupervisor
@@ -19,6 +20,10 @@ from iotmeter.storage.timeseries.base import TimeSeriesStore
 if TYPE_CHECKING:
     from iotmeter.alerting.notify import Notifier
     from iotmeter.alerting.sink import AlertSink
+    from iotmeter.devicelink.certificates import DeviceCA
+    from iotmeter.devicelink.channel import DeviceChannel
+    from iotmeter.devicelink.dynsec import BrokerAccounts
+    from iotmeter.devicelink.registry import RevocationList
     from iotmeter.ingest.collector import Collector
 
 HealthCheck = Callable[[], Awaitable[str | None]]
@@ -41,6 +46,15 @@ class AppState:
     """Told when alert rules or notification channels change (the alert sink's rule book)."""
     notifier: Notifier | None = None
     alert_sink: AlertSink | None = None
+    credential_secret: bytes | None = None
+    """What device passwords are derived from (`devicelink.credentials`); read on first use."""
+    device_ca: DeviceCA | None = None
+    device_channel: DeviceChannel | None = None
+    broker_accounts: BrokerAccounts | None = None
+    """Mosquitto's accounts, reconciled over its dynamic-security plugin (device auth on)."""
+    revocations: RevocationList | None = None
+    credential_listeners: list[Callable[[], None]] = field(default_factory=list)
+    """Told when device credentials changed (committed)."""
     key_cache: KeyCache = field(default_factory=KeyCache)
     """Verified API keys (PostgreSQL: while listening for revocations) and their last use."""
     rate_limits: RateLimits = field(init=False)
@@ -57,6 +71,20 @@ class AppState:
     def alert_rules_changed(self) -> None:
         """Rules or channels changed (committed): the alert sink reads them again."""
         for listener in self.alerting_listeners:
+            listener()
+
+    def device_secret(self) -> bytes:
+        """The credential secret: from the settings, else the data folder's (made once)."""
+        if self.credential_secret is None:
+            configured = self.settings.device_credential_secret
+            self.credential_secret = credential_secret(
+                configured.get_secret_value() if configured else None,
+                self.settings.device_credential_secret_file,
+            )
+        return self.credential_secret
+
+    def credentials_changed(self) -> None:
+        for listener in self.credential_listeners:
             listener()
 
     def devices_changed(self, device_ids: Iterable[str]) -> None:

@@ -26,6 +26,8 @@ def embedded_settings(tmp_path: Path, port: int, **overrides: object) -> Setting
         "spool_dir": tmp_path / "spool",
         "auth_bootstrap_file": tmp_path / "admin.key",
         "mqtt_embedded_port": port,
+        # 9001 (the default) may be taken, or used by a test running alongside.
+        "mqtt_embedded_ws_port": 0,
         "batch_max_delay_s": 0.05,
     }
     values.update(overrides)

@@ -131,7 +131,7 @@ async def test_nul_in_a_config_value_is_422(api: httpx.AsyncClient, device: str)
     every = await api.put(f"{DEVICES}/{device}/configs", json={"k": "x\u0000"})
     assert one.status_code == 422, one.text
     assert every.status_code == 422, every.text
-    assert (await api.get(f"{DEVICES}/{device}/configs")).json() == []
+    assert (await api.get(f"{DEVICES}/{device}/configs")).json()["items"] == []
 
 
 # --- numbers and times out of range -----------------------------------------------------------
@@ -304,7 +304,7 @@ async def test_a_whole_configuration_of_the_most_keys_is_stored_and_one_more_is_
     assert "1000 config keys" in error_of(new_key)["message"]
     existing = await api.put(f"{DEVICES}/{device}/configs/key0001", json={"value": "changed"})
     assert existing.status_code == 200
-    assert len((await api.get(f"{DEVICES}/{device}/configs")).json()) == 1000
+    assert len((await api.get(f"{DEVICES}/{device}/configs")).json()["items"]) == 1000
 
 
 async def test_a_config_value_over_64_kib_is_422(api: httpx.AsyncClient, device: str) -> None:
@@ -314,7 +314,7 @@ async def test_a_config_value_over_64_kib_is_422(api: httpx.AsyncClient, device:
     assert one.status_code == 422
     assert every.status_code == 422
     assert "at most 65536" in error_of(one)["message"]
-    assert (await api.get(f"{DEVICES}/{device}/configs")).json() == []
+    assert (await api.get(f"{DEVICES}/{device}/configs")).json()["items"] == []
 
 
 async def test_ingestion_is_not_stalled_by_a_large_configuration_write(

@@ -49,7 +49,8 @@ async def put(api: httpx.AsyncClient, device_id: str, key: str, value: Any) -> d
 async def as_dict(api: httpx.AsyncClient, device_id: str) -> dict[str, Any]:
     response = await api.get(configs_url(device_id))
     assert response.status_code == 200, response.text
-    return {item["key"]: item["value"] for item in response.json()}
+    desired: dict[str, Any] = response.json()["desired"]
+    return desired
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
@@ -63,7 +64,12 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
 async def test_a_new_device_has_no_configs(api: httpx.AsyncClient, device: str) -> None:
     response = await api.get(configs_url(device))
     assert response.status_code == 200
-    assert response.json() == []
+    state = response.json()
+    assert state["items"] == []
+    assert state["desired"] == {}
+    assert state["desired_version"] == 0
+    assert state["reported"] is None
+    assert state["in_sync"] is True  # never sent a configuration: nothing to catch up with
 
 
 async def test_put_then_get_and_list_sorted_by_key(api: httpx.AsyncClient, device: str) -> None:
@@ -78,7 +84,7 @@ async def test_put_then_get_and_list_sorted_by_key(api: httpx.AsyncClient, devic
     fetched = await api.get(configs_url(device, "interval_s"))
     assert fetched.status_code == 200
     assert fetched.json() == stored
-    listed = (await api.get(configs_url(device))).json()
+    listed = (await api.get(configs_url(device))).json()["items"]
     assert [item["key"] for item in listed] == sorted(["interval_s", "a.first", "z-last"])
     assert listed[[item["key"] for item in listed].index("interval_s")] == stored
 

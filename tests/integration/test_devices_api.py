@@ -415,14 +415,14 @@ async def test_delete_removes_the_device_with_its_configs_and_alerts(
 
     # The other device keeps everything.
     assert (await api.get(f"{DEVICES}/kept")).status_code == 200
-    assert len((await api.get(f"{DEVICES}/kept/configs")).json()) == 2
+    assert len((await api.get(f"{DEVICES}/kept/configs")).json()["items"]) == 2
     assert (await api.get("/api/v1/alerts", params={"device_id": "kept"})).json()["total"] == 2
     assert await count_rows(database_url, "device_configs", "kept") == 2
     assert await count_rows(database_url, "device_alerts", "kept") == 2
 
     # The id is free again, and the new device starts with no configs.
     await create_device(api, "gone")
-    assert (await api.get(f"{DEVICES}/gone/configs")).json() == []
+    assert (await api.get(f"{DEVICES}/gone/configs")).json()["items"] == []
 
 
 async def test_concurrent_deletes_of_one_device_delete_it_once(api: httpx.AsyncClient) -> None:

@@ -35,6 +35,8 @@ def simulator_settings(**overrides: Any) -> Settings:
         "simulator_devices": 6,
         "simulator_interval_s": 0.2,
         "simulator_devices_per_connection": 4,
+        # Grouped connections (the device channel has its own tests: test_simulator_channel.py).
+        "simulator_device_channel": False,
         "simulator_qos": 1,
         # Own prefix per test: device ids and client ids never meet another test's.
         "simulator_id_prefix": f"t{uuid.uuid4().hex[:8]}",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -41,6 +41,7 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
             changed = session.info.pop(devices.CHANGED_DEVICES, None)
             if changed:
                 state.devices_changed(changed)
+            _after_channel_changes(state, session.info)
             for key_id in session.info.pop(keys.REVOKED_KEYS, ()):
                 state.key_cache.evict(key_id)
             for callback in session.info.pop(AFTER_COMMIT, ()):
@@ -50,6 +51,21 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
             if is_unavailable(exc):
                 raise unavailable(exc) from exc
             raise
+
+
+def _after_channel_changes(state: AppState, info: dict[Any, Any]) -> None:
+    """Committed device channel changes reach the parts that act on them."""
+    configs = info.pop(devices.CHANGED_CONFIGS, None)
+    deleted = info.pop(devices.DELETED_DEVICES, None)
+    if state.device_channel is not None:
+        if configs:
+            state.device_channel.wake(configs)
+        if deleted:
+            state.device_channel.clear(deleted)
+    if info.pop(devices.CREDENTIALS_CHANGED, False):
+        state.credentials_changed()
+    if info.pop(devices.CERTIFICATES_CHANGED, False) and state.revocations is not None:
+        state.revocations.wake()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    computed_field,
     model_validator,
 )
 
@@ -176,6 +177,23 @@ class DeviceRead(OutputModel):
     created_at: datetime
     updated_at: datetime
     last_seen_at: datetime | None
+    connected: bool | None = Field(
+        None,
+        description="What the device last said on `iot/{id}/status` (its last will says "
+        "`offline`); null: it never said.",
+    )
+    last_connected_at: datetime | None = None
+    last_disconnected_at: datetime | None = None
+    config_version: int = Field(0, description="Version of the desired configuration.")
+    reported_config_version: int | None = Field(
+        None, description="Version of the configuration the device reported it applied."
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def config_in_sync(self) -> bool:
+        """The device reported the version it was sent (or was never sent one)."""
+        return self.config_version == 0 or self.reported_config_version == self.config_version
 
 
 ItemT = TypeVar("ItemT")
@@ -196,6 +214,61 @@ class ConfigRead(OutputModel):
     key: str
     value: Any
     updated_at: datetime
+
+
+class ConfigState(OutputModel):
+    """A device's configuration: what it should have, what it says it has."""
+
+    device_id: str
+    desired: dict[str, Any] = Field(description="The configuration keys and their values.")
+    desired_version: int = Field(description="Grows by one on every change of the keys.")
+    published_version: int = Field(
+        description="The version on the broker (`iot/{id}/config`, retained)."
+    )
+    reported: dict[str, Any] | None = Field(
+        description="What the device last reported on `iot/{id}/config/reported`."
+    )
+    reported_version: int | None
+    reported_at: datetime | None
+    in_sync: bool = Field(description="The device reported the desired version.")
+    items: list[ConfigRead] = Field(description="The keys with their times of change.")
+
+
+class CredentialRead(OutputModel):
+    """A device's MQTT credential; the password only in the answer that made it."""
+
+    device_id: str
+    username: str = Field(description="The MQTT username: the device id.")
+    client_id: str = Field(description="The MQTT client id the device must use: its id.")
+    created_at: datetime
+    password: str | None = Field(
+        None, description="Shown once, when made or rotated; the registry keeps a hash."
+    )
+    on_broker: bool | None = Field(
+        None,
+        description="Mosquitto (managed over its dynamic-security plugin) has this password "
+        "(null: the embedded broker, which checks the registry itself).",
+    )
+
+
+class CertificateRequest(InputModel):
+    csr: Annotated[str, StringConstraints(min_length=1, max_length=16384)] = Field(
+        description="A PEM certificate signing request whose subject CN is the device id."
+    )
+
+
+class CertificateRead(OutputModel):
+    serial: str
+    device_id: str
+    fingerprint_sha256: str
+    issued_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+class CertificateIssued(CertificateRead):
+    certificate: str = Field(description="The signed certificate (PEM).")
+    ca_certificate: str = Field(description="The CA that signed it (PEM).")
 
 
 class AlertCreate(InputModel):

@@ -65,6 +65,11 @@ def service_password(secret: bytes) -> str:
     return derive_password(secret, SERVICE_USERNAME, _SERVICE_NONCE)
 
 
+def credential_secret(configured: str | None, path: Path) -> bytes:
+    """The configured secret (`IOTMETER_DEVICE_CREDENTIAL_SECRET`), else the data folder's."""
+    return configured.encode() if configured else load_or_create_secret(path)
+
+
 def load_or_create_secret(path: Path) -> bytes:
     """The credential secret kept in the data folder (mode 0600), made on first use."""
     try:

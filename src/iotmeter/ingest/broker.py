@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from cryptography import x509
+
 from iotmeter.config import Settings, env_name
+from iotmeter.devicelink.amqtt_plugin import CredentialCheck, DeviceAccess, access_plugins
+from iotmeter.devicelink.credentials import SERVICE_USERNAME, service_password
 from iotmeter.errors import SettingsInvalid
 
 logger = logging.getLogger(__name__)
@@ -70,41 +76,220 @@ async def _answers(host: str, port: int) -> bool:
     return True
 
 
-def _embedded_config(host: str, port: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EmbeddedTls:
+    """The embedded broker's MQTT-over-TLS listener."""
+
+    port: int
+    cert_file: Path
+    key_file: Path
+    device_ca_file: Path | None = None
+    """Client certificates are optional; one presented must be signed by this CA."""
+
+
+def _listener(kind: str, host: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "bind": f"{host}:{port}", **extra}
+
+
+def _embedded_config(
+    host: str,
+    port: int,
+    *,
+    ws_port: int = 0,
+    tls: EmbeddedTls | None = None,
+    access: DeviceAccess | None = None,
+) -> dict[str, Any]:
     # Listeners and plugins are given explicitly: amqtt's defaults bind 0.0.0.0 and load
-    # logging and $SYS plugins.
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
+    # logging and $SYS plugins. amqtt copies each unset field of a listener from `default`:
+    # `default` stays the plain one, so nothing of TLS leaks into another listener.
+    listeners = {"default": _listener("tcp", host, port)}
+    if ws_port:
+        listeners["ws"] = _listener("ws", host, ws_port)
+    if tls is not None:
+        # amqtt asks for client certificates (CERT_OPTIONAL) and trusts `cafile` alone when
+        # one is given; without one it would trust the system's CAs, which DeviceAccess ignores.
+        extra: dict[str, Any] = {"ssl": True, "certfile": tls.cert_file, "keyfile": tls.key_file}
+        if tls.device_ca_file is not None:
+            extra["cafile"] = tls.device_ca_file
+        listeners["tls"] = _listener("tcp", host, tls.port, **extra)
+    plugins: dict[str, Any] = (
+        {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        if access is None
+        else access_plugins(access)
+    )
+    return {"listeners": listeners, "plugins": plugins}
+
+
+def _check_tls_files(tls: EmbeddedTls) -> None:
+    """Load the TLS files as amqtt will, so a bad one is named by its setting."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsInvalid(
+            f"cannot use {env_name('mqtt_embedded_tls_cert_file')}={tls.cert_file} with "
+            f"{env_name('mqtt_embedded_tls_key_file')}={tls.key_file} for the embedded MQTT "
+            f"broker's TLS listener: {exc}"
+        ) from exc
+    if tls.device_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=tls.device_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsInvalid(
+                f"cannot read {env_name('device_ca_cert_file')}={tls.device_ca_file} "
+                f"(a PEM CA certificate): {exc}"
+            ) from exc
+
+
+def _check_distinct(ports: dict[str, int]) -> None:
+    first_setting: dict[int, str] = {}
+    for setting, port in ports.items():
+        if port in first_setting:
+            raise SettingsInvalid(
+                f"{env_name(first_setting[port])} and {env_name(setting)} are both {port}: "
+                "each listener of the embedded MQTT broker needs its own port"
+            )
+        first_setting[port] = setting
+
+
+async def _check_port(host: str, port: int, setting: str) -> None:
+    """Bind the port as amqtt will and let go, so a taken one is named by its setting.
+
+    amqtt starts its listeners one after another and leaves the ones already open running
+    when a later one fails (and refuses `shutdown()` then): finding a taken port first keeps
+    that to the rare race with another process.
+    """
+    try:
+        server = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, host, port, reuse_address=True
+        )
+    except OSError as exc:
+        raise _start_failed(f"{host}:{port}", [setting], exc) from exc
+    server.close()
+    await server.wait_closed()
+
+
+def _start_failed(where: str, settings: list[str], exc: Exception) -> SettingsInvalid:
+    names = " or ".join(env_name(setting) for setting in settings)
+    return SettingsInvalid(
+        f"cannot start the embedded MQTT broker on {where} ({exc}); free the port, "
+        f"or set {names} to another one, or point {env_name('mqtt_url')} at a running broker"
+    )
 
 
 @contextlib.asynccontextmanager
-async def embedded_broker(host: str, port: int) -> AsyncIterator[BrokerAddress]:
-    """Run an amqtt broker in this process for the duration of the block."""
+async def embedded_broker(
+    host: str,
+    port: int,
+    *,
+    ws_port: int = 0,
+    tls: EmbeddedTls | None = None,
+    access: DeviceAccess | None = None,
+) -> AsyncIterator[BrokerAddress]:
+    """Run an amqtt broker in this process for the duration of the block.
+
+    With `access`, clients must authenticate (`iotmeter.devicelink.amqtt_plugin`) and the
+    address carries the service account for this process's own clients; without it anyone may
+    connect and do anything.
+    """
     from amqtt.broker import Broker
     from amqtt.errors import BrokerError
 
-    broker = Broker(_embedded_config(host, port))
+    ports = {"mqtt_embedded_port": port}
+    if ws_port:
+        ports["mqtt_embedded_ws_port"] = ws_port
+    if tls is not None:
+        await asyncio.to_thread(_check_tls_files, tls)
+        ports["mqtt_embedded_tls_port"] = tls.port
+    _check_distinct(ports)
+    for setting, setting_port in ports.items():
+        await _check_port(host, setting_port, setting)
+
+    broker = Broker(_embedded_config(host, port, ws_port=ws_port, tls=tls, access=access))
+    if access is not None:
+        # amqtt 0.12.1 iterates its subscription table while awaiting the topic plugins (one
+        # await per subscriber of each message); a device subscribing or leaving meanwhile
+        # raises "dictionary changed size during iteration" in that broadcast, and the message
+        # never reaches the subscribers after it (the collector among them). Iterating a copy
+        # closes the window. (A private attribute: amqtt is pinned below 0.13, and
+        # tests/integration/test_embedded_broker_auth.py breaks if this stops working.)
+        broker._subscriptions = _SubscriptionTable()
     try:
         await broker.start()
     except BrokerError as exc:
-        raise SettingsInvalid(
-            f"cannot start the embedded MQTT broker on {host}:{port} ({exc}); free the port, "
-            f"or set {env_name('mqtt_embedded_port')} to another one, or point "
-            f"{env_name('mqtt_url')} at a running broker"
-        ) from exc
-    logger.info("embedded MQTT broker listening on %s:%d", host, port)
+        # Another process took a port since the check above.
+        raise _start_failed(host, list(ports), exc) from exc
+    logger.info(
+        "embedded MQTT broker listening on %s:%d%s%s (%s)",
+        host,
+        port,
+        f", WebSocket :{ws_port}" if ws_port else "",
+        f", TLS :{tls.port}" if tls is not None else "",
+        "device authentication on" if access is not None else "anonymous clients allowed",
+    )
     try:
-        yield BrokerAddress(host=host, port=port, origin="embedded")
+        yield BrokerAddress(
+            host=host,
+            port=port,
+            username=SERVICE_USERNAME if access is not None else None,
+            password=access.service_password if access is not None else None,
+            origin="embedded",
+        )
     finally:
         await broker.shutdown()
         logger.info("embedded MQTT broker stopped")
 
 
+class _SubscriptionTable(dict[str, Any]):
+    """amqtt's topic filter -> subscribers table, whose `items()` is a copy (see above)."""
+
+    def items(self) -> Any:
+        return list(super().items())
+
+
+async def _load_device_cas(path: Path) -> list[x509.Certificate]:
+    """The CA certificates in the file (more than one while a CA is being replaced)."""
+    try:
+        return x509.load_pem_x509_certificates(await asyncio.to_thread(path.read_bytes))
+    except (OSError, ValueError) as exc:
+        raise SettingsInvalid(
+            f"cannot read {env_name('device_ca_cert_file')}={path} (a PEM CA certificate): {exc}"
+        ) from exc
+
+
+def _warn_about_bind_address(settings: Settings) -> None:
+    if settings.embedded_broker_is_local:
+        return
+    host = settings.mqtt_embedded_host
+    if settings.mqtt_device_auth is None:
+        logger.warning(
+            "the embedded MQTT broker listens on %s (not loopback), so device authentication "
+            "is on: devices connect with their own credentials and reach only their own "
+            "topics. To let any client in, set %s=false",
+            host,
+            env_name("mqtt_device_auth"),
+        )
+    elif not settings.mqtt_device_auth:
+        logger.warning(
+            "the embedded MQTT broker listens on %s (not loopback) with device authentication "
+            "off (%s=false): any client that reaches it may connect without credentials and "
+            "publish or subscribe to every topic",
+            host,
+            env_name("mqtt_device_auth"),
+        )
+
+
 @contextlib.asynccontextmanager
-async def open_broker(settings: Settings) -> AsyncIterator[BrokerAddress]:
-    """The broker the collector and simulator use: configured, found locally, or embedded."""
+async def open_broker(
+    settings: Settings,
+    check: CredentialCheck | None = None,
+    service_secret: bytes | None = None,
+) -> AsyncIterator[BrokerAddress]:
+    """The broker the collector and simulator use: configured, found locally, or embedded.
+
+    When the embedded broker runs with device authentication (`Settings.device_auth`), `check`
+    (the device registry) and `service_secret` (the credential secret) are required.
+    """
     host, port = settings.mqtt_embedded_host, settings.mqtt_embedded_port
     if settings.mqtt_url not in ("auto", "embedded"):
         address = BrokerAddress.from_url(settings.mqtt_url)
@@ -120,5 +305,28 @@ async def open_broker(settings: Settings) -> AsyncIterator[BrokerAddress]:
         return
     if settings.mqtt_url == "auto":
         logger.info("MQTT: no broker answers on %s:%d, starting the embedded one", host, port)
-    async with embedded_broker(host, port) as address:
+    _warn_about_bind_address(settings)
+    tls = None
+    cert_file, key_file = settings.mqtt_embedded_tls_cert_file, settings.mqtt_embedded_tls_key_file
+    if settings.mqtt_embedded_tls_port and cert_file is not None and key_file is not None:
+        tls = EmbeddedTls(
+            port=settings.mqtt_embedded_tls_port,
+            cert_file=cert_file,
+            key_file=key_file,
+            device_ca_file=settings.device_ca_cert_file,
+        )
+    access = None
+    if settings.device_auth:
+        if check is None or service_secret is None:
+            raise ValueError(
+                "open_broker: the embedded broker authenticates devices "
+                f"({env_name('mqtt_device_auth')}); pass `check` and `service_secret`"
+            )
+        device_cas: list[x509.Certificate] = []
+        if tls is not None and tls.device_ca_file is not None:
+            device_cas = await _load_device_cas(tls.device_ca_file)
+        access = DeviceAccess(check, service_password(service_secret), device_cas)
+    async with embedded_broker(
+        host, port, ws_port=settings.mqtt_embedded_ws_port, tls=tls, access=access
+    ) as address:
         yield address

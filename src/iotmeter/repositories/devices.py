@@ -14,6 +14,7 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    and_,
     bindparam,
     delete,
     func,
@@ -51,10 +52,24 @@ _FILTERS: dict[str, ColumnElement[bool]] = {
         func.lower(_DEVICES.c.id).like(_SEARCH, escape="\\"),
         func.lower(_DEVICES.c.name).like(_SEARCH, escape="\\"),
     ),
+    "connected": _DEVICES.c.connected.is_(True),
+    "not_connected": or_(_DEVICES.c.connected.is_(False), _DEVICES.c.connected.is_(None)),
+    # Matches `services.device_channel.configs_in_sync`.
+    "config_in_sync": or_(
+        _DEVICES.c.config_version == 0,
+        _DEVICES.c.reported_config_version == _DEVICES.c.config_version,
+    ),
+    "config_out_of_sync": and_(
+        _DEVICES.c.config_version != 0,
+        or_(
+            _DEVICES.c.reported_config_version.is_(None),
+            _DEVICES.c.reported_config_version != _DEVICES.c.config_version,
+        ),
+    ),
 }
 
 
-@cache  # one entry per combination of filters: 16 at most
+@cache  # one entry per combination of filters: 144 at most
 def _list_statements(filters: tuple[str, ...]) -> tuple[Select[Any], Select[Any]]:
     """The page with the total of every match in one statement, and the total alone.
 
@@ -110,11 +125,18 @@ class DeviceReader:
         status: str | None = None,
         location: str | None = None,
         search: str | None = None,
+        connected: bool | None = None,
+        config_in_sync: bool | None = None,
         limit: int,
         offset: int,
     ) -> tuple[Sequence[DeviceRow], int]:
         """A page ordered by id and the count of every match, in one statement."""
         filters: dict[str, str] = {}
+        flags: list[str] = []
+        if connected is not None:
+            flags.append("connected" if connected else "not_connected")
+        if config_in_sync is not None:
+            flags.append("config_in_sync" if config_in_sync else "config_out_of_sync")
         if type is not None:
             filters["type"] = type
         if status is not None:
@@ -123,7 +145,7 @@ class DeviceReader:
             filters["location"] = location
         if search:
             filters["search"] = f"%{_escape_like(search.lower())}%"
-        page, count = _list_statements(tuple(filters))
+        page, count = _list_statements((*filters, *flags))
         result = await self.connection.execute(page, {**filters, "limit": limit, "offset": offset})
         rows = result.all()
         if rows:

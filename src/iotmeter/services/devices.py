@@ -13,6 +13,7 @@ from iotmeter.db.base import utcnow
 from iotmeter.db.models import Device, DeviceConfig
 from iotmeter.errors import Conflict, LimitReached, NotFound
 from iotmeter.repositories.configs import ConfigRepository
+from iotmeter.repositories.device_channel import ChannelRepository
 from iotmeter.repositories.devices import DeviceReader, DeviceRepository, DeviceRow
 
 CHANGED_DEVICES = "iotmeter.changed_devices"
@@ -20,8 +21,26 @@ CHANGED_DEVICES = "iotmeter.changed_devices"
 request's session dependency tells `AppState.devices_changed` once it has committed."""
 
 
+CHANGED_CONFIGS = "iotmeter.changed_configs"
+"""`session.info` key: ids of devices whose desired configuration changed (published again)."""
+DELETED_DEVICES = "iotmeter.deleted_devices"
+"""`session.info` key: ids of deleted devices (their broker account and retained topics go)."""
+
+CREDENTIALS_CHANGED = "iotmeter.credentials_changed"
+"""`session.info` key: set when a credential was made, rotated or revoked in this transaction
+(the broker account reconciler runs once it has committed)."""
+CERTIFICATES_CHANGED = "iotmeter.certificates_changed"
+"""`session.info` key: a certificate was revoked (the revocation list is written again)."""
+
+
 def _changed(session: AsyncSession, device_id: str) -> None:
     session.info.setdefault(CHANGED_DEVICES, set()).add(device_id)
+
+
+async def _config_changed(session: AsyncSession, device_id: str) -> None:
+    """A new desired configuration: a new version, published once the change commits."""
+    await ChannelRepository(session).bump_config_version(device_id)
+    session.info.setdefault(CHANGED_CONFIGS, set()).add(device_id)
 
 
 def _device_not_found(device_id: str) -> NotFound:
@@ -103,7 +122,13 @@ async def delete_device(session: AsyncSession, device_id: str) -> None:
     """Delete a device with its configs and alerts (its telemetry and archive stay)."""
     if not await DeviceRepository(session).delete(device_id):
         raise _device_not_found(device_id)
+    # Its credential goes with its row (foreign key); its certificates are revoked and stay
+    # listed until they expire, so the revocation list keeps naming them.
+    if await ChannelRepository(session).revoke_certificates_of(device_id):
+        session.info[CERTIFICATES_CHANGED] = True
+    session.info[CREDENTIALS_CHANGED] = True
     _changed(session, device_id)
+    session.info.setdefault(DELETED_DEVICES, set()).add(device_id)
 
 
 async def list_configs(session: AsyncSession, device_id: str) -> Sequence[DeviceConfig]:
@@ -124,6 +149,9 @@ async def put_config(
 ) -> DeviceConfig:
     """Set one key; `Conflict` when it is new and the device has `max_keys` already."""
     await get_device(session, device_id)
+    # First: the new version's UPDATE holds the device's row, so the configuration writes of
+    # one device take turns (in any other order two of them can deadlock).
+    await _config_changed(session, device_id)
     repository = ConfigRepository(session)
     if await repository.get(device_id, key) is None:
         await repository.lock(device_id)  # so two new keys at once cannot pass the cap
@@ -137,6 +165,7 @@ async def put_config(
 
 async def delete_config(session: AsyncSession, device_id: str, key: str) -> None:
     await get_device(session, device_id)
+    await _config_changed(session, device_id)  # first, see put_config (undone if not found)
     if not await ConfigRepository(session).delete(device_id, key):
         raise NotFound(f"device {device_id!r} has no config key {key!r}")
 
@@ -146,6 +175,7 @@ async def replace_configs(
 ) -> Sequence[DeviceConfig]:
     """Make the device's configuration exactly `values`."""
     await get_device(session, device_id)
+    await _config_changed(session, device_id)  # first, see put_config
     repository = ConfigRepository(session)
     # Without the lock, two replacements at once could leave a mix of both bodies.
     await repository.lock(device_id)

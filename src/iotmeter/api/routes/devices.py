@@ -12,6 +12,7 @@ from iotmeter.api.schemas import (
     ConfigJson,
     ConfigKey,
     ConfigRead,
+    ConfigState,
     ConfigValue,
     DeviceCreate,
     DeviceRead,
@@ -24,6 +25,7 @@ from iotmeter.api.schemas import (
 )
 from iotmeter.errors import ValidationFailed
 from iotmeter.repositories.devices import DeviceReader
+from iotmeter.services import device_channel as channel
 from iotmeter.services import devices as service
 
 MAX_PAGE = 500
@@ -62,13 +64,30 @@ async def list_devices(
     q: Annotated[
         str | None, Query(max_length=64, description="Case-insensitive text in id or name.")
     ] = None,
+    connected: Annotated[
+        bool | None, Query(description="Only devices connected (true) or not (false).")
+    ] = None,
+    config_in_sync: Annotated[
+        bool | None,
+        Query(
+            description="Only devices that reported their desired configuration (true), "
+            "or that did not yet (false)."
+        ),
+    ] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page[DeviceRead]:
     """Devices ordered by id, filtered and paginated; `total` counts every match."""
     async with state.database.reader() as connection:
         rows, total = await DeviceReader(connection).list(
-            type=type, status=status, location=location, search=q, limit=limit, offset=offset
+            type=type,
+            status=status,
+            location=location,
+            search=q,
+            connected=connected,
+            config_in_sync=config_in_sync,
+            limit=limit,
+            offset=offset,
         )
     # One validation for the page: a call per item costs more than the query.
     return Page[DeviceRead].model_validate(
@@ -104,11 +123,15 @@ async def delete_device(device_id: DeviceIdPath, session: SessionDep) -> None:
     await service.delete_device(session, device_id)
 
 
-@router.get("/{device_id}/configs", responses=NOT_FOUND, summary="List a device's configs")
-async def list_configs(device_id: DeviceIdPath, session: SessionDep) -> list[ConfigRead]:
-    return [
-        ConfigRead.model_validate(row) for row in await service.list_configs(session, device_id)
-    ]
+@router.get(
+    "/{device_id}/configs",
+    responses=NOT_FOUND,
+    summary="A device's configuration: desired, reported, in sync",
+)
+async def list_configs(device_id: DeviceIdPath, session: SessionDep) -> ConfigState:
+    """The desired keys (published retained to `iot/{id}/config` with their version), what
+    the device reported on `iot/{id}/config/reported`, and whether the versions agree."""
+    return ConfigState.model_validate(await channel.config_state(session, device_id))
 
 
 @router.put(
