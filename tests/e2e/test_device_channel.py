@@ -16,7 +16,6 @@ from typing import Any
 import aiomqtt
 import httpx
 import orjson
-import pytest
 
 from iotmeter.config import Settings
 from tests.e2e.conftest import start_app
