@@ -64,6 +64,7 @@ import itertools
 import json
 import os
 import platform
+import selectors
 import shutil
 import signal
 import socket
@@ -71,6 +72,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -98,6 +100,7 @@ from tests.fixtures.services import (  # noqa: E402
 )
 
 LOAD = ROOT / "bench" / "load.py"
+HARNESS_WORKER = (str(Path(__file__).resolve()), "--worker")
 RESULTS = ROOT / "bench" / "results"
 PROBE_DEVICE = "bench-probe"
 HISTORY_DEVICES = 100  # devices with a seeded past hour for the API's telemetry test
@@ -189,11 +192,19 @@ BENCH_MAX_QUEUED_MESSAGES = 100_000_000
 BACKLOG_BROKER_CONFIG = ("max_queued_bytes 0", "sys_interval 1")
 
 
+# The broker account iotmeter administers the dynamic-security plugin with (device-auth modes);
+# iotmeter gives it its service role on the first pass.
+BENCH_BROKER_ADMIN = "iotmeter"
+
+
 @contextlib.contextmanager
-def running_bench_mosquitto(workdir: Path, backlog: bool = False) -> Iterator[Mosquitto]:
+def running_bench_mosquitto(
+    workdir: Path, backlog: bool = False, dynsec_admin: tuple[str, str] | None = None
+) -> Iterator[Mosquitto]:
     """The test suite's private Mosquitto, tuned for load: 1,000 in flight, no persistence,
     and a queue the whole run's backlog fits in (the collector's persistent session must never
-    lose a message to it). With `backlog`, `$SYS` every second (`BACKLOG_BROKER_CONFIG`)."""
+    lose a message to it). With `backlog`, `$SYS` every second (`BACKLOG_BROKER_CONFIG`).
+    With `dynsec_admin` (user, password): the dynamic-security plugin, anonymous access off."""
     if shutil.which("mosquitto") is None:
         raise HarnessError("mosquitto is not installed (apt-get install mosquitto)")
     writable_by_mosquitto(workdir)
@@ -204,6 +215,7 @@ def running_bench_mosquitto(workdir: Path, backlog: bool = False) -> Iterator[Mo
         max_queued_messages=BENCH_MAX_QUEUED_MESSAGES,
         max_inflight_messages=1000,
         extra_config=BACKLOG_BROKER_CONFIG if backlog else (),
+        dynsec_admin=dynsec_admin,
     )
     try:
         broker.start()
@@ -214,13 +226,19 @@ def running_bench_mosquitto(workdir: Path, backlog: bool = False) -> Iterator[Mo
 
 @dataclass
 class Services:
-    mqtt_url: str
+    mqtt_url: str  # the app's, the bare subscriber's (with device auth: the dynsec admin's)
     database_url: str
     s3: dict[str, str] | None  # endpoint, access_key, secret_key, bucket
     influx: dict[str, str] | None
     owned_s3: bool
     pids: dict[str, int]
     describe: dict[str, str]
+    device_url: str = ""  # the broker without credentials: devices bring their own
+
+
+def without_credentials(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
 
 
 async def open_services(args: argparse.Namespace, workdir: Path, stack: AsyncExitStack) -> Services:
@@ -236,14 +254,19 @@ async def open_services(args: argparse.Namespace, workdir: Path, stack: AsyncExi
         folder = workdir / "mosquitto"
         folder.mkdir()
         backlog = args.mode == "backlog"
+        admin = (BENCH_BROKER_ADMIN, uuid.uuid4().hex) if args.device_auth else None
         broker = await asyncio.to_thread(
-            sync.enter_context, running_bench_mosquitto(folder, backlog)
+            sync.enter_context, running_bench_mosquitto(folder, backlog, admin)
         )
-        mqtt_url = broker.url
+        mqtt_url = broker.admin_url if admin else broker.url
         assert broker.process is not None
         pids["broker"] = broker.process.pid
         version = command_version(["mosquitto", "-h"]) or "mosquitto"
-        describe["mqtt"] = f"{version}, own instance on {mqtt_url} (max_inflight_messages 1000"
+        describe["mqtt"] = f"{version}, own instance on {broker.url} (max_inflight_messages 1000"
+        if admin:
+            describe["mqtt"] += (
+                f", dynamic-security plugin, allow_anonymous false, admin {BENCH_BROKER_ADMIN}"
+            )
         if backlog:
             describe["mqtt"] += (
                 f", max_queued_messages {BENCH_MAX_QUEUED_MESSAGES:,}, max_queued_bytes 0, "
@@ -301,7 +324,9 @@ async def open_services(args: argparse.Namespace, workdir: Path, stack: AsyncExi
         describe["timeseries"] = f"InfluxDB given: {args.influx_url}"
     else:
         describe["timeseries"] = "SQL (the PostgreSQL database)"
-    return Services(mqtt_url, database_url, s3, influx, owned_s3, pids, describe)
+    return Services(
+        mqtt_url, database_url, s3, influx, owned_s3, pids, describe, without_credentials(mqtt_url)
+    )
 
 
 def weed_path() -> str:
@@ -339,12 +364,15 @@ class Worker:
         workdir: Path,
         kill_after: float,
         env: dict[str, str] | None = None,
+        script: Sequence[str] = (str(LOAD),),
     ) -> Worker:
+        """`script` (default `bench/load.py`) with its role; `HARNESS_WORKER` runs one of this
+        file's own roles (`publish-per-device`)."""
         log = workdir / f"{name}.log"
         with log.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
-                str(LOAD),
+                *script,
                 "--kill-after",
                 f"{kill_after:.0f}",
                 role,
@@ -414,6 +442,181 @@ class Worker:
 
 def series_of(worker: Worker, key: str) -> list[tuple[float, float]]:
     return [(line["t"], float(line[key])) for line in worker.progress if key in line]
+
+
+# --- one connection per device (the device-auth modes) -----------------------------------------
+
+PER_DEVICE_ROLE = "publish-per-device"
+MAX_CONNECTIONS_PER_PUBLISHER = 900  # RawPublisher.send waits with select(): fds below 1024
+
+
+class DeviceConnections:
+    """This process's devices, each on its own `load.RawPublisher` connection (client id =
+    username = device id, the device's password), and their PUBACKs read over one selector."""
+
+    def __init__(self, host: str, port: int, passwords: dict[str, str | None]) -> None:
+        from load import RawPublisher
+
+        self.clients: list[Any] = []
+        self.selector = selectors.DefaultSelector()
+        for device in passwords:
+            client = RawPublisher(host, port, device)
+            try:
+                client.connect(device, passwords[device])
+            except SystemExit as exc:
+                raise SystemExit(f"device {device}: {exc}") from None
+            self.selector.register(client.sock, selectors.EVENT_READ, client)
+            self.clients.append(client)
+
+    @property
+    def acked(self) -> int:
+        return sum(client.acked for client in self.clients)
+
+    def read_acks(self, wait_s: float) -> None:
+        """Count the PUBACKs that arrived on any connection; wait up to `wait_s` for one."""
+        for key, _events in self.selector.select(wait_s):
+            key.data.read_acks(0.0)
+
+    def close(self) -> None:
+        self.selector.close()
+        for client in self.clients:
+            client.close()
+
+
+def run_per_device_publisher(args: argparse.Namespace) -> None:
+    """`load.py publish`, with one connection per device instead of one for all: the same
+    devices (d % count == index), messages dealt round-robin over them, the same payloads,
+    pacing (`--rate`, or `--window` ahead of what the consumer took) and progress lines."""
+    from load import (
+        PROGRESS_INTERVAL_S,
+        ConsumedCounter,
+        cpu_seconds,
+        emit,
+        message_share,
+        sleep_until,
+        telemetry_payload,
+        wait_for_go,
+    )
+
+    host, port, _username, _password = broker_address(args.mqtt_url)
+    passwords: dict[str, str | None] = orjson.loads(Path(args.passwords_file).read_bytes())
+    devices = [device_id(d) for d in range(args.index, args.devices, args.count)]
+    if not devices:
+        raise SystemExit(f"publisher {args.index}: no devices (devices={args.devices})")
+    if len(devices) > MAX_CONNECTIONS_PER_PUBLISHER:
+        raise SystemExit(
+            f"publisher {args.index}: {len(devices)} connections; at most "
+            f"{MAX_CONNECTIONS_PER_PUBLISHER} per process (use more --publishers)"
+        )
+    connect_started = time.time()
+    connections = DeviceConnections(host, port, {d: passwords.get(d) for d in devices})
+    connect_s = time.time() - connect_started
+    clients = connections.clients
+    topics = [f"iot/{d}/telemetry".encode() for d in devices]
+    topics = [len(topic).to_bytes(2, "big") + topic for topic in topics]
+    emit(ready=True, connections=len(clients), connect_s=connect_s)
+    start = wait_for_go()
+    consumed = ConsumedCounter(args.count)
+    end = start + args.duration
+    sleep_until(start)
+    cpu_start = cpu_seconds()
+    published = 0
+    next_progress = start + PROGRESS_INTERVAL_S
+    rate = args.rate
+    first_publish = last_publish = None
+    device_count = len(topics)
+    prefix = f"p{args.index}-"
+    quota = message_share(args.messages, args.index, args.count) if args.messages else None
+    while True:
+        now = time.time()
+        if now >= end or (quota is not None and published >= quota):
+            break
+        if now >= next_progress:
+            emit(t=now, published=published, acked=connections.acked)
+            next_progress += PROGRESS_INTERVAL_S
+        if rate > 0:
+            due = int((now - start) * rate) + 1
+            if published >= due:
+                connections.read_acks(min(0.002, (published + 1) / rate - (now - start)))
+                continue
+            burst = min(due - published, 200)
+        else:
+            connections.read_acks(0.0)
+            acked = connections.acked
+            taken = acked if quota is not None else min(acked, consumed.share)
+            ahead = published - taken
+            if ahead >= args.window:
+                connections.read_acks(0.002)
+                continue
+            burst = min(args.window - ahead, 200)
+        if quota is not None:
+            burst = min(burst, quota - published)
+        by_device: dict[int, list[bytes]] = {}
+        for _ in range(burst):
+            slot = published % device_count
+            sequence = published // device_count
+            by_device.setdefault(slot, []).append(
+                clients[slot].packet(
+                    topics[slot],
+                    telemetry_payload(sequence, prefix + str(published), time.time_ns() // 1000),
+                )
+            )
+            published += 1
+        for slot, packets in by_device.items():
+            clients[slot].send(packets)
+        if first_publish is None:
+            first_publish = now
+        last_publish = time.time()
+    publish_cpu = cpu_seconds() - cpu_start
+    deadline = time.time() + args.ack_timeout
+    while connections.acked < published and time.time() < deadline:
+        if time.time() >= next_progress:
+            emit(t=time.time(), published=published, acked=connections.acked)
+            next_progress += PROGRESS_INTERVAL_S
+        connections.read_acks(0.01)
+    acked_at = time.time()
+    acked = connections.acked
+    emit(t=acked_at, published=published, acked=acked)
+    connections.close()
+    emit(
+        done=True,
+        published=published,
+        acked=acked,
+        first_publish=first_publish,
+        last_publish=last_publish,
+        acked_at=acked_at,
+        publish_cpu_s=publish_cpu,
+        devices=device_count,
+        connections=len(clients),
+        connect_s=connect_s,
+    )
+
+
+def run_worker(argv: Sequence[str]) -> int:
+    """This file's own worker roles (started as `harness.py --worker ...`), as `load.py`'s."""
+    parser = argparse.ArgumentParser(prog="harness.py --worker")
+    parser.add_argument("--kill-after", type=float, default=900)
+    roles = parser.add_subparsers(dest="role", required=True)
+    publisher = roles.add_parser(PER_DEVICE_ROLE)
+    publisher.add_argument("--mqtt-url", required=True, help="the broker (credentials ignored)")
+    publisher.add_argument(
+        "--passwords-file", required=True, help="JSON: device id -> password (null: none)"
+    )
+    publisher.add_argument("--index", type=int, default=0)
+    publisher.add_argument("--count", type=int, default=1)
+    publisher.add_argument("--devices", type=int, default=200)
+    publisher.add_argument("--duration", type=float, default=60)
+    publisher.add_argument("--rate", type=float, default=0)
+    publisher.add_argument("--window", type=int, default=20000)
+    publisher.add_argument("--ack-timeout", type=float, default=60)
+    publisher.add_argument("--messages", type=int, default=0)
+    args = parser.parse_args(argv)
+    # Never outlive the harness, whatever it waits for (as load.py's roles).
+    watchdog = threading.Timer(args.kill_after, os._exit, args=(3,))
+    watchdog.daemon = True
+    watchdog.start()
+    run_per_device_publisher(args)
+    return 0
 
 
 # --- measuring processes -----------------------------------------------------------------------
@@ -607,12 +810,43 @@ class Sampler:
 # --- the latency probe -------------------------------------------------------------------------
 
 
+def device_client_options(
+    mqtt_url: str, identity: tuple[str, str | None] | None, prefix: str
+) -> dict[str, Any]:
+    """aiomqtt.Client options of a probe device: with `identity` (device id, password) it
+    connects as that device (client id = username = device id), else under the URL's
+    credentials with a client id of its own."""
+    host, port, username, password = broker_address(mqtt_url)
+    if identity is not None:
+        return {
+            "hostname": host,
+            "port": port,
+            "username": identity[0],
+            "password": identity[1],
+            "identifier": identity[0],
+        }
+    return {
+        "hostname": host,
+        "port": port,
+        "username": username,
+        "password": password,
+        "identifier": f"{prefix}-{uuid.uuid4().hex[:8]}",
+    }
+
+
 class Probe:
     """A device that publishes its send time every `interval` s; the poller finds each message
     through the API and notes when it became visible."""
 
-    def __init__(self, mqtt_url: str, interval: float, poll_interval: float) -> None:
+    def __init__(
+        self,
+        mqtt_url: str,
+        interval: float,
+        poll_interval: float,
+        identity: tuple[str, str | None] | None = None,
+    ) -> None:
         self.mqtt_url = mqtt_url
+        self.identity = identity
         self.interval = interval
         self.poll_interval = poll_interval
         self.sent_at: dict[int, float] = {}
@@ -624,15 +858,8 @@ class Probe:
     async def publish(self, start: float, stop: float) -> None:
         import aiomqtt
 
-        host, port, username, password = broker_address(self.mqtt_url)
-        async with aiomqtt.Client(
-            host,
-            port,
-            username=username,
-            password=password,
-            identifier=f"bench-probe-{uuid.uuid4().hex[:8]}",
-            timeout=10,
-        ) as client:
+        options = device_client_options(self.mqtt_url, self.identity, "bench-probe")
+        async with aiomqtt.Client(**options, timeout=10) as client:
             await asyncio.sleep(max(0.0, start - time.time()))
             sequence = 0
             while time.time() < stop:
@@ -750,8 +977,11 @@ class AlertProbe:
     """A device whose value crosses a rule's threshold every `interval` s (up, then down); a
     local webhook receiver notes when each `alert.fired` arrives: breach-to-webhook latency."""
 
-    def __init__(self, mqtt_url: str, interval: float) -> None:
+    def __init__(
+        self, mqtt_url: str, interval: float, identity: tuple[str, str | None] | None = None
+    ) -> None:
         self.mqtt_url = mqtt_url
+        self.identity = identity
         self.interval = interval
         self.fired_sent_at: dict[int, float] = {}
         """Device time (epoch us) of each breaching message -> when it was published."""
@@ -792,15 +1022,8 @@ class AlertProbe:
     async def publish(self, start: float, stop: float) -> None:
         import aiomqtt
 
-        host, port, username, password = broker_address(self.mqtt_url)
-        async with aiomqtt.Client(
-            host,
-            port,
-            username=username,
-            password=password,
-            timeout=10,
-            identifier=f"bench-alert-{uuid.uuid4().hex[:8]}",
-        ) as client:
+        options = device_client_options(self.mqtt_url, self.identity, "bench-alert")
+        async with aiomqtt.Client(**options, timeout=10) as client:
             await asyncio.sleep(max(0.0, start - time.time()))
             high = False
             while time.time() < stop:
@@ -900,6 +1123,16 @@ def app_environment(args: argparse.Namespace, services: Services, workdir: Path)
             "IOTMETER_WEBHOOK_ALLOW_PRIVATE": "true",
         }
     )
+    if args.device_auth or args.per_device_connections:
+        env.update(
+            {
+                # Explicit either way: the two variants of a comparison differ in this alone
+                # (and in the broker's plugin).
+                "IOTMETER_MQTT_DEVICE_AUTH": "true" if args.device_auth else "false",
+                # Passwords are derived from it: one per run, none left in a data folder.
+                "IOTMETER_DEVICE_CREDENTIAL_SECRET": uuid.uuid4().hex,
+            }
+        )
     if services.s3 is not None:
         env.update(
             {
@@ -1241,6 +1474,32 @@ class Run:
     meter: Meter
     kill_after: float
     alert_probe: AlertProbe | None = None
+    passwords_file: Path | None = None
+    """Per-device connections: device id -> password (JSON), written by `provision_devices`."""
+    passwords: dict[str, str | None] | None = None
+
+    @property
+    def per_device(self) -> bool:
+        return bool(self.args.device_auth or self.args.per_device_connections)
+
+    def identity(self, device: str) -> tuple[str, str | None] | None:
+        """How probe `device` connects: as itself with per-device connections, else None."""
+        if self.passwords is None:
+            return None
+        return device, self.passwords.get(device)
+
+    @property
+    def device_url(self) -> str:
+        """The broker as devices reach it (per-device connections bring their own password)."""
+        return self.services.device_url if self.per_device else self.services.mqtt_url
+
+    def probe(self) -> Probe:
+        return Probe(
+            self.device_url,
+            self.args.probe_interval,
+            self.args.poll_interval,
+            self.identity(PROBE_DEVICE),
+        )
 
 
 def publisher_options(run: Run, index: int, messages: int = 0) -> list[str]:
@@ -1249,9 +1508,14 @@ def publisher_options(run: Run, index: int, messages: int = 0) -> list[str]:
     args = run.args
     per_process = args.rate / args.publishers if args.rate and not messages else 0
     duration = backlog_publish_bound(args) if messages else args.duration
+    per_device = []
+    if run.per_device:
+        assert run.passwords_file is not None
+        per_device = ["--passwords-file", str(run.passwords_file)]
     return [
+        *per_device,
         "--mqtt-url",
-        run.services.mqtt_url,
+        run.device_url,
         "--index",
         str(index),
         "--count",
@@ -1270,19 +1534,27 @@ def publisher_options(run: Run, index: int, messages: int = 0) -> list[str]:
 
 
 async def start_publishers(run: Run, phase: str, messages: int = 0) -> list[Worker]:
+    """`--publishers` processes: `load.py publish` (one connection each), or with per-device
+    connections this file's `publish-per-device` role (one connection per device)."""
+    role, script = (
+        (PER_DEVICE_ROLE, HARNESS_WORKER) if run.per_device else ("publish", (str(LOAD),))
+    )
     publishers = [
         await Worker.start(
             f"{phase}-publisher-{index}",
-            "publish",
+            role,
             publisher_options(run, index, messages),
             run.workdir,
             run.kill_after,
+            script=script,
         )
         for index in range(run.args.publishers)
     ]
     for publisher in publishers:
         run.meter.add("publishers", publisher.pid)
-    await asyncio.gather(*(publisher.wait_ready() for publisher in publishers))
+    # Connecting one socket per device (and the broker checking each password) takes longer.
+    within = 30 + (run.args.devices / 20 if run.per_device else 0)
+    await asyncio.gather(*(publisher.wait_ready(within) for publisher in publishers))
     return publishers
 
 
@@ -1402,7 +1674,7 @@ async def ceiling_phase(run: Run) -> dict[str, Any]:
     publishers = await start_publishers(run, "ceiling")
     sampler = Sampler(run.meter, None, None)
     sampler.start()
-    probe = Probe(run.services.mqtt_url, args.probe_interval, args.poll_interval)
+    probe = run.probe()
     go = time.time() + 1.0
     for publisher in publishers:
         publisher.send(f"go {go}")
@@ -1467,7 +1739,7 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
     publishers = await start_publishers(run, "iotmeter")
     sampler = Sampler(run.meter, app.process.pid, api)
     sampler.start()
-    probe = Probe(run.services.mqtt_url, args.probe_interval, args.poll_interval)
+    probe = run.probe()
     stop_polling = asyncio.Event()
     go = time.time() + 1.0
     steady = (go + args.warmup, go + args.duration)
@@ -2273,6 +2545,7 @@ def render_table(summary: dict[str, Any]) -> str:
         f"{'InfluxDB' if config['influx'] else 'SQL on PostgreSQL'}",
         f"  {machine['cpus']} CPUs; load average {machine['load_average_start']} at start, "
         f"{machine['load_average_end']} at end",
+        *render_device_auth(summary),
         "",
         row("ceiling: bare aiomqtt subscriber", fmt(ceiling.get("msg_per_s"), unit=" msg/s")),
         row("iotmeter: stored in both sinks", fmt(ingest.get("stored_msg_per_s"), unit=" msg/s")),
@@ -2359,6 +2632,33 @@ def render_table(summary: dict[str, Any]) -> str:
     for entry in ingest.get("top_outside_processes") or []:
         lines.append(f"    outside: {entry['cpu_percent']:.0f} %  {entry['command'][:90]}")
     return "\n".join(lines + render_api_and_profiles(summary))
+
+
+def render_device_auth(summary: dict[str, Any]) -> list[str]:
+    """The header lines of the per-device-connection modes."""
+    config = summary["config"]
+    if not config.get("per_device_connections"):
+        return []
+    if config.get("device_auth"):
+        auth = (
+            "device auth ON: Mosquitto dynamic security, accounts reconciled by iotmeter, "
+            "bare subscriber as the plugin's admin"
+        )
+    else:
+        auth = "device auth OFF: anonymous broker (the same connections and credentials)"
+    lines = [f"  one MQTT connection per device (client id = username = device id); {auth}"]
+    provisioning = summary.get("provisioning")
+    if provisioning:
+        lines.append(
+            f"  provisioning: {provisioning['devices']} devices registered with credentials "
+            f"in {provisioning['registered_with_credentials_s']:.1f} s"
+            + (
+                f", all on the broker {provisioning['all_on_broker_s']:.1f} s later"
+                if provisioning.get("all_on_broker_s") is not None
+                else ""
+            )
+        )
+    return lines
 
 
 def app_origin(summary: dict[str, Any]) -> str:
@@ -2585,7 +2885,9 @@ def time_budget(args: argparse.Namespace) -> float:
         load = backlog_publish_bound(args) + args.ack_timeout + args.drain_timeout + 240
     api = 4 * (args.api_duration + 90) if args.api else 0
     puts = (args.s3_put_seconds or args.s3_put_default) + 90
-    return 300 + (load if args.ceiling else 0) + load + api + puts + (args.profile or 0)
+    # An app start of its own, registration, credentials and the broker's accounts.
+    provision = 180 + args.devices / 10 if args.device_auth or args.per_device_connections else 0
+    return 300 + (load if args.ceiling else 0) + load + api + puts + provision + (args.profile or 0)
 
 
 async def kill_workers() -> None:
@@ -2645,16 +2947,24 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
 async def steady_phases(
     run: Run, env: dict[str, str], stack: AsyncExitStack, summary: dict[str, Any]
 ) -> App:
-    """Ceiling, then the same load into iotmeter; returns the app, still running."""
+    """Ceiling, then the same load into iotmeter; returns the app, still running. With
+    per-device connections the devices get their credentials first (an app start of its own)."""
+    if run.per_device:
+        await register_devices(run, env, summary)
+        print("provisioning devices through the API ...", file=sys.stderr, flush=True)
+        await provision_devices(run, env, stack, summary)
     if run.args.ceiling:
         print("ceiling phase: bare subscriber ...", file=sys.stderr, flush=True)
         summary["ceiling"] = await ceiling_phase(run)
-    await register_devices(run, env, summary)
+    if not run.per_device:
+        await register_devices(run, env, summary)
     app = await start_app(env, run.workdir, stack)
     async with httpx.AsyncClient(base_url=app.base_url, timeout=10, headers=app.headers) as api:
         if run.args.alert_rules or run.args.alert_latency:
             if run.args.alert_latency:
-                run.alert_probe = AlertProbe(run.services.mqtt_url, run.args.alert_latency)
+                run.alert_probe = AlertProbe(
+                    run.device_url, run.args.alert_latency, run.identity(ALERT_DEVICE)
+                )
                 stack.push_async_callback(run.alert_probe.close)
             summary["alerting"] = await create_alerting(run, api, run.alert_probe)
         print("iotmeter phase ...", file=sys.stderr, flush=True)
@@ -2679,6 +2989,114 @@ async def register_devices(run: Run, env: dict[str, str], summary: dict[str, Any
         env,
     )
     summary["registration_s"] = round((await registration.wait_done(600))["seconds"], 2)
+
+
+async def provision_devices(
+    run: Run, env: dict[str, str], stack: AsyncExitStack, summary: dict[str, Any]
+) -> None:
+    """Per-device connections: register every device (and the probes) and create its MQTT
+    credential through the API, as an operator would, on an app started for this alone; with
+    device auth, wait until `GET .../credentials` says `on_broker` for all (iotmeter puts the
+    accounts on the broker itself). That app then stops and its collector's persistent session
+    is ended: the broker would otherwise queue the ceiling's whole load for it."""
+    args = run.args
+    devices = [device_id(n) for n in range(args.devices)] + [PROBE_DEVICE]
+    if args.alert_latency:
+        devices.append(ALERT_DEVICE)
+    client_id = env["IOTMETER_MQTT_CLIENT_ID"] + "-provision"
+    provision_env = {
+        **env,
+        "IOTMETER_MQTT_CLIENT_ID": client_id,
+        "IOTMETER_SPOOL_DIR": str(run.workdir / "spool-provision"),
+    }
+    spawned = time.time()
+    app = await start_app(provision_env, run.workdir, stack, "iotmeter-provision.log")
+    ready_s = time.time() - spawned
+    limit = asyncio.Semaphore(8)
+    passwords: dict[str, str | None] = {}
+    async with httpx.AsyncClient(base_url=app.base_url, timeout=30, headers=app.headers) as api:
+
+        async def create(device: str) -> None:
+            async with limit:
+                body = {"id": device, "name": device, "type": "bench"}
+                response = await api.post("/api/v1/devices", json=body)
+                # 409: registered already (--devices-registered).
+                if response.status_code not in (201, 409):
+                    raise HarnessError(
+                        f"POST /api/v1/devices ({device}): {response.status_code} {response.text}"
+                    )
+                response = await api.post(f"/api/v1/devices/{device}/credentials")
+                if response.status_code != 201:
+                    raise HarnessError(
+                        f"POST /api/v1/devices/{device}/credentials: "
+                        f"{response.status_code} {response.text}"
+                    )
+                passwords[device] = response.json()["password"]
+
+        started = time.time()
+        await asyncio.gather(*(create(device) for device in devices))
+        created_s = time.time() - started
+        on_broker_s = None
+        if args.device_auth:
+            on_broker_s = await wait_on_broker(app, api, devices, limit)
+    stopped = await stop_app(app)
+    await end_mqtt_session(run.services.mqtt_url, client_id)
+    path = run.workdir / "device-passwords.json"
+    path.touch(mode=0o600)
+    path.write_bytes(orjson.dumps(passwords))
+    run.passwords, run.passwords_file = passwords, path
+    summary["provisioning"] = {
+        "devices": len(devices),
+        "app_ready_s": round(ready_s, 2),
+        "registered_with_credentials_s": round(created_s, 2),
+        "all_on_broker_s": round_or_none(on_broker_s, 2),
+        "app_stop": stopped,
+    }
+
+
+async def wait_on_broker(
+    app: App, api: httpx.AsyncClient, devices: Sequence[str], limit: asyncio.Semaphore
+) -> float:
+    """Seconds until every device's credential is on the broker (`on_broker`: true)."""
+    started = time.time()
+    within = 60 + len(devices) / 20  # iotmeter puts ~74 accounts/s on Mosquitto 2.0.11
+    pending = set(devices)
+
+    async def on_broker(device: str) -> bool:
+        async with limit:
+            response = await api.get(f"/api/v1/devices/{device}/credentials")
+        return response.status_code == 200 and response.json().get("on_broker") is True
+
+    while pending:
+        ordered = sorted(pending)
+        answers = await asyncio.gather(*(on_broker(device) for device in ordered))
+        pending -= {device for device, done in zip(ordered, answers, strict=True) if done}
+        if not pending:
+            break
+        if time.time() - started > within:
+            raise app.failure(
+                f"had {len(pending)} of {len(devices)} device credentials not on the broker "
+                f"after {within:.0f} s"
+            )
+        await asyncio.sleep(0.5)
+    return time.time() - started
+
+
+async def end_mqtt_session(mqtt_url: str, client_id: str) -> None:
+    """End a stopped client's persistent session: connect under its id with a clean session."""
+    import aiomqtt
+
+    host, port, username, password = broker_address(mqtt_url)
+    async with aiomqtt.Client(
+        host,
+        port,
+        username=username,
+        password=password,
+        identifier=client_id,
+        clean_session=True,
+        timeout=10,
+    ):
+        pass
 
 
 def finish(summary: dict[str, Any]) -> None:
@@ -2727,7 +3145,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MESSAGES",
         help="backlog mode: messages queued while the consumer is down (smoke: 5,000)",
     )
-    load.add_argument("--devices", type=int, default=1000, help="publishing devices")
+    load.add_argument(
+        "--devices",
+        type=int,
+        help="publishing devices (default 1,000; 200 with per-device connections: iotmeter "
+        "puts ~74 accounts/s on Mosquitto 2.0.11)",
+    )
     load.add_argument("--duration", type=float, default=60, help="seconds of publishing")
     load.add_argument("--warmup", type=float, help="seconds excluded from the rates (20%%, ≤10)")
     load.add_argument(
@@ -2759,6 +3182,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0,
         help="every S seconds a device breaches a rule; measure breach-to-webhook latency",
+    )
+
+    auth = parser.add_argument_group(
+        "device authentication (steady mode; one MQTT connection per device)"
+    )
+    auth.add_argument(
+        "--device-auth",
+        action="store_true",
+        help="Mosquitto with the dynamic-security plugin (anonymous access off); the app runs "
+        "with IOTMETER_MQTT_DEVICE_AUTH=true under the plugin's admin account and reconciles "
+        "the device accounts; devices are registered and get their credentials through the "
+        "API first; each device connects on its own (client id = username = device id); "
+        "the bare subscriber uses the admin account",
+    )
+    auth.add_argument(
+        "--per-device-connections",
+        action="store_true",
+        help="the same as --device-auth on an anonymous broker with device auth off: the "
+        "like-for-like baseline",
+    )
+    auth.add_argument(
+        "--device-auth-compare",
+        action="store_true",
+        help="run --per-device-connections, then --device-auth (each on fresh services), "
+        "--repeat times alternating, and print both rates and their ratio; default --no-api "
+        "and no S3 PUT phase",
+    )
+    auth.add_argument(
+        "--repeat", type=int, default=1, help="--device-auth-compare: pairs of runs (off, on)"
     )
 
     app = parser.add_argument_group("iotmeter")
@@ -2868,7 +3320,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if "--smoke" in argv:
         # Smoke values replace the defaults only: options given explicitly still win.
         parser.set_defaults(**SMOKE_DEFAULTS)
+    if "--device-auth-compare" in argv:
+        # The question is ingest with and without device auth: no API or S3 PUT phases
+        # unless asked for.
+        parser.set_defaults(api=False, s3_put_default=0.0)
     args = parser.parse_args(argv)
+    per_device = args.device_auth or args.per_device_connections or args.device_auth_compare
+    if args.devices is None:
+        args.devices = 200 if per_device else 1000
+    if per_device and args.mode == "backlog":
+        raise SystemExit("the device-auth options apply to the steady mode only")
+    if args.device_auth_compare and args.mqtt_url:
+        raise SystemExit("--device-auth-compare starts its own brokers: no --mqtt-url")
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
+    if per_device and args.devices > MAX_CONNECTIONS_PER_PUBLISHER * args.publishers:
+        raise SystemExit(
+            f"per-device connections: at most {MAX_CONNECTIONS_PER_PUBLISHER} devices per "
+            "publisher process (raise --publishers)"
+        )
     if args.archive_layout is None:
         args.archive_layout = "segment" if args.mode == "backlog" else "per-message"
     if args.mode == "backlog":
@@ -2885,6 +3355,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.device_auth_compare:
+        return await compare_device_auth(args, argv)
+    _summary, status = await run_once(args, argv)
+    return status
+
+
+async def run_once(
+    args: argparse.Namespace, argv: Sequence[str], path: Path | None = None
+) -> tuple[dict[str, Any], int]:
+    """One run on fresh services: its table on stdout, its summary in `path` (default
+    `--json`, else bench/results/...)."""
     started = datetime.now(UTC)
     summary: dict[str, Any] = {
         "harness": "bench/harness.py",
@@ -2917,11 +3398,19 @@ async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "api_duration": args.api_duration,
             "api_rate": args.api_rate,
             "smoke": args.smoke,
+            "device_auth": args.device_auth,
+            "per_device_connections": args.device_auth or args.per_device_connections,
         },
     }
     mode = "backlog-" if args.mode == "backlog" else ""
-    path = args.json or RESULTS / (
-        f"{started:%Y%m%d-%H%M%S}-{mode}{args.archive_layout}-{args.archive}.json"
+    if args.device_auth:
+        mode += "device-auth-"
+    elif args.per_device_connections:
+        mode += "per-device-"
+    path = (
+        path
+        or args.json
+        or RESULTS / (f"{started:%Y%m%d-%H%M%S}-{mode}{args.archive_layout}-{args.archive}.json")
     )
     workdir = Path(tempfile.mkdtemp(prefix="iotmeter-bench-"))
     status = 0
@@ -2949,12 +3438,220 @@ async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"\nWARNING: {warning}", file=sys.stderr)
     if "error" in summary:
         print(f"\nERROR: {summary['error']}", file=sys.stderr)
-    print(f"\nsummary: {path}")
+    print(f"\nsummary: {path}", flush=True)
+    return summary, status
+
+
+# --- device auth on / off ------------------------------------------------------------------------
+
+COMPARED_CPU = ("app", "subscriber", "broker", "publishers", "postgres", "s3", "harness")
+CONTAMINATION = ("machine_busy", "machine_irq", "machine_steal", "outside_bench")
+
+
+async def compare_device_auth(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """`--per-device-connections` (auth off) and `--device-auth` (on), `--repeat` pairs run
+    alternately, each on fresh services; prints every run's table, then both rates and the
+    ratio on / off. The combined summary goes to `--json` (default bench/results/...), each
+    run's own beside it."""
+    started = datetime.now(UTC)
+    base = args.json or RESULTS / (
+        f"{started:%Y%m%d-%H%M%S}-device-auth-compare-{args.archive_layout}-{args.archive}.json"
+    )
+    runs: list[dict[str, Any]] = []
+    status = 0
+    for repetition in range(1, args.repeat + 1):
+        for variant in ("off", "on"):
+            variant_args = argparse.Namespace(**vars(args))
+            variant_args.device_auth = variant == "on"
+            variant_args.per_device_connections = True
+            variant_args.device_auth_compare = False
+            path = base.with_suffix(f".{repetition}-auth-{variant}.json")
+            print(
+                f"device auth comparison, run {len(runs) + 1} of {2 * args.repeat}: "
+                f"auth {variant} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            summary, run_status = await run_once(variant_args, argv, path)
+            status = status or run_status
+            runs.append(comparison_entry(summary, variant, repetition, path))
+    document = {
+        "harness": "bench/harness.py",
+        "command": " ".join(["bench/harness.py", *argv]),
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git": git_revision(),
+        "runs": runs,
+        "comparison": compare_runs(runs),
+    }
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    print(render_comparison(document))
+    print(f"\ncomparison summary: {base}")
     return status
+
+
+def comparison_entry(
+    summary: dict[str, Any], variant: str, repetition: int, path: Path
+) -> dict[str, Any]:
+    """What the comparison keeps of one run: rates, loss, CPU by group and how much of the
+    machine went to processes outside the bench (contamination)."""
+    ingest = summary.get("iotmeter") or {}
+    ceiling = summary.get("ceiling") or {}
+    cpu = ingest.get("cpu_percent") or {}
+    ceiling_cpu = ceiling.get("cpu_percent") or {}
+    latency = ingest.get("latency") or {}
+    stored = ingest.get("stored_msg_per_s")
+    broker_cpu = cpu.get("broker")
+    return {
+        "variant": variant,
+        "repetition": repetition,
+        "summary_file": str(path),
+        "error": summary.get("error"),
+        "stored_msg_per_s": stored,
+        "received_msg_per_s": ingest.get("received_msg_per_s"),
+        "ceiling_msg_per_s": ceiling.get("msg_per_s"),
+        "ratio_stored_to_ceiling": summary.get("ratio_stored_to_ceiling"),
+        "acked": ingest.get("acked"),
+        "stored": ingest.get("stored"),
+        "loss": ingest.get("loss"),
+        "drained": ingest.get("drained"),
+        "sql_missing": (ingest.get("sql_rows_check") or {}).get("missing"),
+        "ceiling_loss": None
+        if ceiling.get("drained") == "timeout" or "acked" not in ceiling
+        else max(0, ceiling["acked"] - ceiling["received"]),
+        "latency_p50_ms": latency.get("p50_ms"),
+        "latency_p99_ms": latency.get("p99_ms"),
+        # The broker's share per 1,000 msg/s: where the plugin's checks would show.
+        "broker_cpu_per_1000_msg_s": round(1000 * broker_cpu / stored, 2)
+        if broker_cpu is not None and stored
+        else None,
+        "cpu_percent": {key: cpu.get(key) for key in (*COMPARED_CPU, *CONTAMINATION)},
+        "ceiling_cpu_percent": {
+            key: ceiling_cpu.get(key) for key in (*COMPARED_CPU, *CONTAMINATION)
+        },
+        "top_outside_processes": ingest.get("top_outside_processes"),
+        "ceiling_top_outside_processes": ceiling.get("top_outside_processes"),
+        "load_average_start": summary["machine"].get("load_average_start"),
+        "load_average_end": summary["machine"].get("load_average_end"),
+        "provisioning": summary.get("provisioning"),
+    }
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else round(numerator / denominator, 4)
+
+
+def spread(values: Iterable[float | None]) -> float | None:
+    """max / min - 1 of the values given (None with fewer than two)."""
+    present = [value for value in values if value]
+    if len(present) < 2:
+        return None
+    return round(max(present) / min(present) - 1, 4)
+
+
+def compare_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means per variant, the ratio on / off (of the means, and of each off-on pair), and each
+    variant's spread (max / min - 1): a difference smaller than the spread is not resolved."""
+    result: dict[str, Any] = {}
+    for key in ("stored_msg_per_s", "ceiling_msg_per_s", "ratio_stored_to_ceiling"):
+        by_variant = {
+            variant: [run[key] for run in runs if run["variant"] == variant and not run["error"]]
+            for variant in ("off", "on")
+        }
+        off, on = mean(by_variant["off"]), mean(by_variant["on"])
+        result[key] = {
+            "off_mean": round_or_none(off, 4),
+            "on_mean": round_or_none(on, 4),
+            "ratio_on_off": ratio(on, off),
+            "spread_off": spread(by_variant["off"]),
+            "spread_on": spread(by_variant["on"]),
+        }
+    pairs = []
+    for repetition in sorted({run["repetition"] for run in runs}):
+        pair = {run["variant"]: run for run in runs if run["repetition"] == repetition}
+        if "off" in pair and "on" in pair:
+            pairs.append(
+                {
+                    "repetition": repetition,
+                    "stored_ratio_on_off": ratio(
+                        pair["on"]["stored_msg_per_s"], pair["off"]["stored_msg_per_s"]
+                    ),
+                    "ceiling_ratio_on_off": ratio(
+                        pair["on"]["ceiling_msg_per_s"], pair["off"]["ceiling_msg_per_s"]
+                    ),
+                }
+            )
+    result["pairs"] = pairs
+    stored_ratio = result["stored_msg_per_s"]["ratio_on_off"]
+    result["within_5_percent"] = None if stored_ratio is None else stored_ratio >= 0.95
+    result["loss_total"] = {
+        variant: sum(run["loss"] or 0 for run in runs if run["variant"] == variant)
+        for variant in ("off", "on")
+    }
+    return result
+
+
+def render_comparison(document: dict[str, Any]) -> str:
+    comparison = document["comparison"]
+    lines = [
+        "",
+        "device auth off / on, one MQTT connection per device "
+        f"({document['started_at']} to {document['finished_at']})",
+        f"  {'run':<5}{'auth':<6}{'stored msg/s':>13}{'ceiling':>10}{'stored/ceil':>12}"
+        f"{'loss':>7}{'app %':>7}{'broker %':>9}{'pub %':>7}{'pg %':>6}"
+        f"{'outside % (ceil/app)':>22}{'busy %':>8}",
+    ]
+    for run in document["runs"]:
+        cpu, ceiling_cpu = run["cpu_percent"], run["ceiling_cpu_percent"]
+        lines.append(
+            f"  {run['repetition']:<5}{run['variant']:<6}{fmt(run['stored_msg_per_s']):>13}"
+            f"{fmt(run['ceiling_msg_per_s']):>10}{fmt(run['ratio_stored_to_ceiling'], '.1%'):>12}"
+            f"{fmt(run['loss']):>7}{fmt(cpu.get('app')):>7}{fmt(cpu.get('broker')):>9}"
+            f"{fmt(cpu.get('publishers')):>7}{fmt(cpu.get('postgres')):>6}"
+            f"{fmt(ceiling_cpu.get('outside_bench'), '.1f') + ' / ':>15}"
+            f"{fmt(cpu.get('outside_bench'), '.1f'):<7}"
+            f"{fmt(cpu.get('machine_busy')):>8}"
+            + (f"  ERROR: {run['error'][:60]}" if run["error"] else "")
+        )
+    stored = comparison["stored_msg_per_s"]
+    ceiling = comparison["ceiling_msg_per_s"]
+    lines += [
+        "",
+        row("stored msg/s, mean off / on", f"{fmt(stored['off_mean'])} / {fmt(stored['on_mean'])}"),
+        row("ratio on / off (stored)", fmt(stored["ratio_on_off"], ".1%")),
+        row(
+            "ratio on / off per pair",
+            ", ".join(fmt(pair["stored_ratio_on_off"], ".1%") for pair in comparison["pairs"])
+            or "-",
+        ),
+        row(
+            "spread between repeats, off / on",
+            f"{fmt(stored['spread_off'], '.1%')} / {fmt(stored['spread_on'], '.1%')}",
+        ),
+        row(
+            "ceiling msg/s, mean off / on",
+            f"{fmt(ceiling['off_mean'])} / {fmt(ceiling['on_mean'])}",
+        ),
+        row("ratio on / off (ceiling)", fmt(ceiling["ratio_on_off"], ".1%")),
+        row(
+            "loss, off / on",
+            f"{comparison['loss_total']['off']:,} / {comparison['loss_total']['on']:,}",
+        ),
+        row("within 5 % (on >= 95 % of off)", fmt(comparison["within_5_percent"])),
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return run_worker(argv[1:])
     args = parse_args(argv)
     return asyncio.run(main_async(args, argv))
 

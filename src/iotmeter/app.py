@@ -51,7 +51,6 @@ from iotmeter.devicelink.registry import (
     RegistryCredentialCheck,
     RevocationList,
 )
-from iotmeter.devicelink.tls import mqtt_tls_context
 from iotmeter.ingest.broker import open_broker
 from iotmeter.ingest.collector import Collector, build_sinks
 from iotmeter.ingest.directory import DeviceDirectory
@@ -200,7 +199,7 @@ def _open_device_channel(state: AppState) -> None:
             broker,
             RegistryAccounts(database),
             partial(derive_password, state.device_secret()),
-            tls_context=mqtt_tls_context(settings.mqtt_ca_file) if broker.tls else None,
+            tls_context=broker.tls_context(),
         )
         state.broker_accounts = accounts
         state.credential_listeners.append(accounts.wake)
@@ -208,7 +207,7 @@ def _open_device_channel(state: AppState) -> None:
         state.device_channel = DeviceChannel(
             database,
             broker,
-            tls_context=mqtt_tls_context(settings.mqtt_ca_file) if broker.tls else None,
+            tls_context=broker.tls_context(),
         )
 
 

@@ -438,11 +438,6 @@ async def test_device_cannot_subscribe_to_another_devices_config(broker: Running
     ]
 
 
-@pytest.mark.xfail(
-    reason="amqtt 0.12.1 sends a connecting client the retained messages of every topic filter "
-    "any client subscribed to, without asking the topic plugins "
-    "(Broker._handle_client_session: _publish_retained_messages_for_subscription)",
-)
 async def test_device_never_receives_another_devices_retained_config(
     broker: RunningBroker,
 ) -> None:

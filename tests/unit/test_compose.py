@@ -8,6 +8,8 @@ No container engine runs here: the files are parsed and checked, not started.
 from __future__ import annotations
 
 import re
+import ssl
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from cryptography import x509
 
 from iotmeter.config import Settings, load_settings
 
@@ -337,7 +340,7 @@ def test_mosquitto_listeners_match_published_ports(
     services: dict[str, Any], mosquitto_config: list[tuple[str, str]]
 ) -> None:
     listeners = mosquitto_listeners(mosquitto_config)
-    assert listeners == {1883: "mqtt", 9001: "websockets"}
+    assert listeners == {1883: "mqtt", 8883: "mqtt", 9001: "websockets"}
     targets = {target for _, _, target in port_bindings(services["mosquitto"])}
     assert targets == set(listeners)
 
@@ -480,3 +483,73 @@ def test_settings_accept_env_example(
     assert settings.s3_secret_key is not None
     assert settings.s3_secret_key.get_secret_value() == env_example["MINIO_ROOT_PASSWORD"]
     assert (settings.s3_bucket, settings.s3_region) == ("iot-data", "us-east-1")
+
+
+# --- TLS of the compose Mosquitto --------------------------------------------------------------
+
+
+def certificate_script(services: dict[str, Any], folder: Path) -> str:
+    """mosquitto-certs' script, writing into `folder` instead of the volume."""
+    command = services["mosquitto-certs"]["command"]
+    assert services["mosquitto-certs"]["entrypoint"] == ["/bin/sh", "-c"]
+    script = str(command[0]).replace("cd /certs", f"cd {folder}")
+    # Not root here: the broker's owner is the container's concern.
+    return script.replace("chown 1883:1883 broker.key broker.pem ca.pem", ":")
+
+
+def handshake(client: ssl.SSLContext, server: ssl.SSLContext, hostname: str) -> None:
+    """A whole TLS handshake in memory; raises `ssl.SSLError` when the client refuses."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_side = client.wrap_bio(to_client, to_server, server_hostname=hostname)
+    server_side = server.wrap_bio(to_server, to_client, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(20):
+        for name, side in (("client", client_side), ("server", server_side)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        if all(done.values()):
+            return
+    raise AssertionError("the TLS handshake did not finish")
+
+
+def test_mosquitto_waits_for_its_certificates(services: dict[str, Any]) -> None:
+    depends_on = services["mosquitto"]["depends_on"]
+    assert depends_on["mosquitto-certs"]["condition"] == "service_completed_successfully"
+    certs = {target: source for source, target, _ in volume_mounts(services["mosquitto"])}
+    assert certs["/mosquitto/certs"] == "mosquitto-certs"
+    assert services["mosquitto-certs"]["restart"] == "no"
+
+
+def test_the_tls_listener_uses_the_files_the_certificate_job_makes(
+    mosquitto_config: list[tuple[str, str]],
+) -> None:
+    for option in ("cafile", "certfile", "keyfile"):
+        assert mosquitto_option(mosquitto_config, option).startswith("/mosquitto/certs/")
+
+
+def test_the_certificate_job_makes_a_server_certificate_clients_can_verify(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    script = certificate_script(services, tmp_path)
+    subprocess.run(["sh", "-c", script], check=True, capture_output=True)
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "broker.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names.get_values_for_type(x509.DNSName)) == {"mosquitto", "localhost"}
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # A TLS client trusting the CA accepts the pair (as iotmeter does with IOTMETER_MQTT_CA_FILE).
+    client_context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(tmp_path / "broker.pem", tmp_path / "broker.key")
+    handshake(client_context, server_context, "localhost")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(client_context, server_context, "elsewhere.example")
+    # Run again: the existing files are kept (the volume outlives container recreation).
+    before = (tmp_path / "broker.pem").read_bytes()
+    subprocess.run(["sh", "-c", script], check=True, capture_output=True)
+    assert (tmp_path / "broker.pem").read_bytes() == before

@@ -226,6 +226,7 @@ class Notifier:
         self.database = database
         self.allow_private = allow_private
         self.broker = broker
+        self._mqtt_tls: ssl.SSLContext | None = None
         self.mail = mail
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
@@ -362,12 +363,15 @@ class Notifier:
         data = row["payload"].get("data", {})
         topic = (row["topic"] or "").replace("{device_id}", str(data.get("device_id", "")))
         try:
+            if self.broker.tls and self._mqtt_tls is None:
+                self._mqtt_tls = await asyncio.to_thread(self.broker.tls_context)
             async with aiomqtt.Client(
                 self.broker.host,
                 self.broker.port,
                 username=self.broker.username,
                 password=self.broker.password,
                 timeout=TIMEOUT_S,
+                tls_context=self._mqtt_tls,
             ) as client:
                 await client.publish(topic, orjson.dumps(row["payload"]), qos=1)
         except Exception as exc:

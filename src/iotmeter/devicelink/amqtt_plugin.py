@@ -258,3 +258,27 @@ def access_plugins(access: DeviceAccess) -> dict[str, dict[str, Any]]:
         f"{__name__}.{DeviceAuthPlugin.__name__}": {"access": access},
         f"{__name__}.{DeviceTopicPlugin.__name__}": {"access": access},
     }
+
+
+def guarded_broker(config: dict[str, Any], access: DeviceAccess) -> Any:
+    """An amqtt broker that also keeps retained messages to the topics each client may read.
+
+    amqtt 0.12.1 hands a connecting client the retained messages of every topic filter any
+    client ever subscribed to, without asking the topic plugins (at each connect,
+    `Broker._handle_client_session` calls `_publish_retained_messages_for_subscription` for
+    every filter in its table): device A would get device B's retained configuration and
+    status. No plugin hook runs there, so the one method is overridden (a private one: amqtt is
+    pinned below 0.13, and tests/integration/test_embedded_broker_auth.py fails if it changes).
+    """
+    from amqtt.broker import Broker
+
+    class _GuardedBroker(Broker):  # type: ignore[misc]
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Session
+        ) -> None:
+            principal = principal_of(session)
+            if principal is None or not access.may(principal, Action.SUBSCRIBE, subscription[0]):
+                return
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return _GuardedBroker(config)

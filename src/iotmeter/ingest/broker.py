@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -15,7 +16,12 @@ from urllib.parse import unquote, urlsplit
 from cryptography import x509
 
 from iotmeter.config import Settings, env_name
-from iotmeter.devicelink.amqtt_plugin import CredentialCheck, DeviceAccess, access_plugins
+from iotmeter.devicelink.amqtt_plugin import (
+    CredentialCheck,
+    DeviceAccess,
+    access_plugins,
+    guarded_broker,
+)
 from iotmeter.devicelink.credentials import SERVICE_USERNAME, service_password
 from iotmeter.errors import SettingsInvalid
 
@@ -33,6 +39,13 @@ class BrokerAddress:
     tls: bool = False
     origin: str = "configured"
     """`configured` (a URL), `local` (found answering on the auto address) or `embedded`."""
+    ca_file: str | None = None
+    """CA certificate the broker's TLS certificate is verified against (None: the system's)."""
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client TLS context for an `mqtts://` broker, else None. Reads files: call it
+        once at start-up (or in a thread)."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.tls else None
 
     @classmethod
     def from_url(cls, url: str, origin: str = "configured") -> BrokerAddress:
@@ -205,7 +218,8 @@ async def embedded_broker(
     for setting, setting_port in ports.items():
         await _check_port(host, setting_port, setting)
 
-    broker = Broker(_embedded_config(host, port, ws_port=ws_port, tls=tls, access=access))
+    config = _embedded_config(host, port, ws_port=ws_port, tls=tls, access=access)
+    broker = Broker(config) if access is None else guarded_broker(config, access)
     if access is not None:
         # amqtt 0.12.1 iterates its subscription table while awaiting the topic plugins (one
         # await per subscriber of each message); a device subscribing or leaving meanwhile
@@ -245,6 +259,10 @@ class _SubscriptionTable(dict[str, Any]):
 
     def items(self) -> Any:
         return list(super().items())
+
+    def __iter__(self) -> Any:
+        # The same at every connect: amqtt walks the filters, awaiting for each.
+        return iter(list(super().__iter__()))
 
 
 async def _load_device_cas(path: Path) -> list[x509.Certificate]:
@@ -293,6 +311,8 @@ async def open_broker(
     host, port = settings.mqtt_embedded_host, settings.mqtt_embedded_port
     if settings.mqtt_url not in ("auto", "embedded"):
         address = BrokerAddress.from_url(settings.mqtt_url)
+        if settings.mqtt_ca_file is not None:
+            address = dataclasses.replace(address, ca_file=str(settings.mqtt_ca_file))
         logger.info("MQTT: using the %s", address.describe())
         yield address
         return

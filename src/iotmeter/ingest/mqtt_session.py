@@ -214,7 +214,7 @@ class MqttSession(asyncio.Protocol):
 
     async def connect(self) -> None:
         """Open the connection and wait for the broker's CONNACK; `SessionClosed` if not."""
-        tls = ssl.create_default_context() if self.broker.tls else None
+        tls = self.broker.tls_context()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._loop.create_connection(

@@ -203,7 +203,10 @@ class Simulator:
             return
         if self.broker.tls and self._tls_context is None:
             # Loading the system's CA certificates reads files: keep it off the event loop.
-            self._tls_context = await asyncio.to_thread(ssl.create_default_context)
+            ca_file = self.settings.mqtt_ca_file
+            self._tls_context = await asyncio.to_thread(
+                ssl.create_default_context, cafile=str(ca_file) if ca_file else None
+            )
         if self.device_channel:
             _warn_if_short_of_files(len(self.devices))
             logger.info(
