@@ -52,6 +52,29 @@ same messages as above, published as fast as the broker acks them; `--rate` does
 The harness's Mosquitto keeps every queued message (`max_queued_messages` 100,000,000, no byte
 limit, no persistence) and updates `$SYS` every second: the run fails when the broker's
 `$SYS/broker/publish/messages/dropped` counter grew during a backlog.
+
+Device authentication (steady mode; 200 devices unless `--devices` says otherwise):
+
+    .venv/bin/python bench/harness.py --device-auth-compare --repeat 2 --duration 45 \
+        --archive-layout segment                      # off, on, off, on; rates and ratio on/off
+    .venv/bin/python bench/harness.py --device-auth   # one run, auth on
+    .venv/bin/python bench/harness.py --per-device-connections   # the same, auth off
+
+`--device-auth` starts Mosquitto with the dynamic-security plugin (`allow_anonymous false`, the
+file made by `mosquitto_ctrl dynsec init` with an admin account) and the app under that admin
+account with `IOTMETER_MQTT_DEVICE_AUTH=true`, so iotmeter reconciles the broker's device
+accounts itself. Before the ceiling, an app start of its own registers every device (and the
+probe) with `POST /api/v1/devices`, creates its credential with `POST .../credentials` and waits
+until `GET .../credentials` shows `on_broker` for all; that app stops and its collector's
+persistent session is ended. The publishers (`harness.py --worker publish-per-device`) then open
+one connection per device (client id = username = device id, its password), the probe connects
+as its own device, and the bare subscriber uses the admin account; payloads, pacing and the
+accounting are those of the normal mode. `--per-device-connections` does all the same on an
+anonymous broker with device auth off: the like-for-like baseline. `--device-auth-compare` runs
+both (fresh services each time), `--repeat` pairs alternating, without the API and S3 PUT phases
+unless asked, and prints each run's table, then the rates, the ratio on / off and the spread
+between repeats; the machine's busy CPU and `outside_bench` (CPU that neither the bench nor
+PostgreSQL took) show how much else ran meanwhile.
 """
 
 from __future__ import annotations
@@ -251,8 +274,14 @@ async def open_services(args: argparse.Namespace, workdir: Path, stack: AsyncExi
         mqtt_url = args.mqtt_url
         describe["mqtt"] = f"given: {mqtt_url.split('@')[-1]}"
     else:
-        folder = workdir / "mosquitto"
-        folder.mkdir()
+        if args.device_auth or args.per_device_connections:
+            # The broker, running as `mosquitto`, reads its dynsec file there: the run's own
+            # folder (root's, 0700) is out of its reach. Both variants alike.
+            folder = Path(tempfile.mkdtemp(prefix="iotmeter-bench-mosquitto-"))
+            sync.callback(shutil.rmtree, folder, ignore_errors=True)
+        else:
+            folder = workdir / "mosquitto"
+            folder.mkdir()
         backlog = args.mode == "backlog"
         admin = (BENCH_BROKER_ADMIN, uuid.uuid4().hex) if args.device_auth else None
         broker = await asyncio.to_thread(
@@ -3014,6 +3043,7 @@ async def provision_devices(
     ready_s = time.time() - spawned
     limit = asyncio.Semaphore(8)
     passwords: dict[str, str | None] = {}
+    post_once_committed = CommittedPost()
     async with httpx.AsyncClient(base_url=app.base_url, timeout=30, headers=app.headers) as api:
 
         async def create(device: str) -> None:
@@ -3025,7 +3055,7 @@ async def provision_devices(
                     raise HarnessError(
                         f"POST /api/v1/devices ({device}): {response.status_code} {response.text}"
                     )
-                response = await api.post(f"/api/v1/devices/{device}/credentials")
+                response = await post_once_committed(api, f"/api/v1/devices/{device}/credentials")
                 if response.status_code != 201:
                     raise HarnessError(
                         f"POST /api/v1/devices/{device}/credentials: "
@@ -3036,6 +3066,7 @@ async def provision_devices(
         started = time.time()
         await asyncio.gather(*(create(device) for device in devices))
         created_s = time.time() - started
+        late_commits = sum(post_once_committed.retried.values())
         on_broker_s = None
         if args.device_auth:
             on_broker_s = await wait_on_broker(app, api, devices, limit)
@@ -3050,8 +3081,28 @@ async def provision_devices(
         "app_ready_s": round(ready_s, 2),
         "registered_with_credentials_s": round(created_s, 2),
         "all_on_broker_s": round_or_none(on_broker_s, 2),
+        # Credential POSTs answered 404 for a device whose POST had just answered 201.
+        "device_not_yet_committed_404s": late_commits,
         "app_stop": stopped,
     }
+
+
+class CommittedPost:
+    """POST, again after a 404 for up to 5 s: the app answers a request before its session
+    dependency commits (FastAPI runs a `yield` dependency's exit after the response), so the
+    device a 201 just registered may not be visible yet to the next request."""
+
+    def __init__(self) -> None:
+        self.retried: dict[str, int] = {}
+
+    async def __call__(self, api: httpx.AsyncClient, path: str) -> httpx.Response:
+        deadline = time.monotonic() + 5
+        while True:
+            response = await api.post(path)
+            if response.status_code != 404 or time.monotonic() > deadline:
+                return response
+            self.retried[path] = self.retried.get(path, 0) + 1
+            await asyncio.sleep(0.05)
 
 
 async def wait_on_broker(
@@ -3332,8 +3383,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise SystemExit("the device-auth options apply to the steady mode only")
     if args.device_auth_compare and args.mqtt_url:
         raise SystemExit("--device-auth-compare starts its own brokers: no --mqtt-url")
-    if args.repeat < 1:
-        raise SystemExit("--repeat must be at least 1")
+    if args.repeat < 1 or (args.repeat > 1 and not args.device_auth_compare):
+        raise SystemExit("--repeat goes with --device-auth-compare, and is at least 1")
     if per_device and args.devices > MAX_CONNECTIONS_PER_PUBLISHER * args.publishers:
         raise SystemExit(
             f"per-device connections: at most {MAX_CONNECTIONS_PER_PUBLISHER} devices per "
@@ -3510,6 +3561,11 @@ def comparison_entry(
         "error": summary.get("error"),
         "stored_msg_per_s": stored,
         "received_msg_per_s": ingest.get("received_msg_per_s"),
+        # Acked by the broker over the whole window (the publishers stay a window ahead of
+        # what the app took): smoother than stored, which the segment layout moves in steps.
+        "acked_msg_per_s_whole_run": round(ingest["acked"] / summary["config"]["duration"], 1)
+        if ingest.get("acked")
+        else None,
         "ceiling_msg_per_s": ceiling.get("msg_per_s"),
         "ratio_stored_to_ceiling": summary.get("ratio_stored_to_ceiling"),
         "acked": ingest.get("acked"),
@@ -3559,7 +3615,14 @@ def compare_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Means per variant, the ratio on / off (of the means, and of each off-on pair), and each
     variant's spread (max / min - 1): a difference smaller than the spread is not resolved."""
     result: dict[str, Any] = {}
-    for key in ("stored_msg_per_s", "ceiling_msg_per_s", "ratio_stored_to_ceiling"):
+    for key in (
+        "stored_msg_per_s",
+        "received_msg_per_s",
+        "acked_msg_per_s_whole_run",
+        "ceiling_msg_per_s",
+        "ratio_stored_to_ceiling",
+        "broker_cpu_per_1000_msg_s",
+    ):
         by_variant = {
             variant: [run[key] for run in runs if run["variant"] == variant and not run["error"]]
             for variant in ("off", "on")
@@ -3626,6 +3689,11 @@ def render_comparison(document: dict[str, Any]) -> str:
         row("stored msg/s, mean off / on", f"{fmt(stored['off_mean'])} / {fmt(stored['on_mean'])}"),
         row("ratio on / off (stored)", fmt(stored["ratio_on_off"], ".1%")),
         row(
+            "ratio on / off (received; acked over the run)",
+            f"{fmt(comparison['received_msg_per_s']['ratio_on_off'], '.1%')}; "
+            f"{fmt(comparison['acked_msg_per_s_whole_run']['ratio_on_off'], '.1%')}",
+        ),
+        row(
             "ratio on / off per pair",
             ", ".join(fmt(pair["stored_ratio_on_off"], ".1%") for pair in comparison["pairs"])
             or "-",
@@ -3639,6 +3707,11 @@ def render_comparison(document: dict[str, Any]) -> str:
             f"{fmt(ceiling['off_mean'])} / {fmt(ceiling['on_mean'])}",
         ),
         row("ratio on / off (ceiling)", fmt(ceiling["ratio_on_off"], ".1%")),
+        row(
+            "broker CPU % per 1,000 msg/s stored, off / on",
+            f"{fmt(comparison['broker_cpu_per_1000_msg_s']['off_mean'], '.2f')} / "
+            f"{fmt(comparison['broker_cpu_per_1000_msg_s']['on_mean'], '.2f')}",
+        ),
         row(
             "loss, off / on",
             f"{comparison['loss_total']['off']:,} / {comparison['loss_total']['on']:,}",

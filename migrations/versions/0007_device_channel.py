@@ -73,18 +73,20 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("devices") as batch:
-        for column in (
-            "reported_at",
-            "reported_config",
-            "reported_config_version",
-            "config_published_version",
-            "config_version",
-            "last_disconnected_at",
-            "last_connected_at",
-            "connected",
-        ):
-            batch.drop_column(column)
+    # Not batch mode: on SQLite it rebuilds `devices` (a DROP TABLE), which deletes every row
+    # of the tables that reference it ON DELETE CASCADE (configs, alerts, credentials).
+    # SQLite 3.35+ drops a plain column in place.
+    for column in (
+        "reported_at",
+        "reported_config",
+        "reported_config_version",
+        "config_published_version",
+        "config_version",
+        "last_disconnected_at",
+        "last_connected_at",
+        "connected",
+    ):
+        op.drop_column("devices", column)
     op.drop_index(op.f("ix_device_certificates_device_id"), "device_certificates")
     op.drop_table("device_certificates")
     op.drop_table("device_credentials")

@@ -111,6 +111,12 @@ async def open_state(
                 open_broker(settings, check=check, service_secret=secret)
             )
             state.broker = broker
+            # Implied by a non-loopback bind only for the broker iotmeter runs itself.
+            state.device_auth = (
+                settings.mqtt_device_auth
+                if settings.mqtt_device_auth is not None
+                else settings.device_auth and broker.origin == "embedded"
+            )
         _open_device_channel(state)
         state.health_checks.update(
             database=partial(_database_health, database),
@@ -193,7 +199,7 @@ def _open_device_channel(state: AppState) -> None:
         state.revocations = RevocationList(database, state.device_ca, crl_file)
     if broker is None:
         return
-    if settings.device_auth and broker.origin != "embedded":
+    if state.device_auth and broker.origin != "embedded":
         # Mosquitto: iotmeter keeps the broker's accounts equal to the registry's credentials.
         accounts = BrokerAccounts(
             broker,
@@ -240,7 +246,7 @@ async def _simulate(state: AppState, broker_url: str) -> None:
     once, kept in the registry; their passwords are derived, never stored)."""
     settings = state.settings
     password_for = None
-    if settings.device_auth:
+    if state.device_auth:
         password_for = await simulator_passwords(settings, state.database, state.device_secret())
         state.credentials_changed()
     await run_simulator(settings, broker_url, password_for=password_for)

@@ -577,6 +577,12 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
                 f"{env_name('http_tls_cert_file')} and {env_name('http_tls_key_file')} go "
                 "together: set both for HTTPS, or neither"
             )
+        secret = self.device_credential_secret
+        if secret is not None and len(secret.get_secret_value().encode()) < 32:
+            problems.append(
+                f"{env_name('device_credential_secret')} must be at least 32 bytes (e.g. "
+                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
         if (self.device_ca_cert_file is None) != (self.device_ca_key_file is None):
             problems.append(
                 f"{env_name('device_ca_cert_file')} and {env_name('device_ca_key_file')} go "

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 from iotmeter.api.ratelimit import RateLimits
 from iotmeter.config import Settings
 from iotmeter.db.engine import Database
-from iotmeter.devicelink.credentials import credential_secret
+from iotmeter.devicelink.credentials import SERVICE_USERNAME, credential_secret
 from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.runtime import TaskSupervisor
@@ -46,6 +47,9 @@ class AppState:
     """Told when alert rules or notification channels change (the alert sink's rule book)."""
     notifier: Notifier | None = None
     alert_sink: AlertSink | None = None
+    device_auth: bool = False
+    """Devices must use their own credentials on the broker in use (`Settings.device_auth`,
+    implied by a non-loopback bind only when the embedded broker runs)."""
     credential_secret: bytes | None = None
     """What device passwords are derived from (`devicelink.credentials`); read on first use."""
     device_ca: DeviceCA | None = None
@@ -82,6 +86,21 @@ class AppState:
                 self.settings.device_credential_secret_file,
             )
         return self.credential_secret
+
+    @property
+    def reserved_usernames(self) -> frozenset[str]:
+        """Broker usernames no device may take: iotmeter's own account on the embedded broker
+        and the account of `IOTMETER_MQTT_URL` (on Mosquitto, a certificate whose CN is such a
+        name would log in as that account)."""
+        names = {SERVICE_USERNAME}
+        if self.broker is not None and self.broker.username:
+            names.add(self.broker.username)
+        url = self.settings.mqtt_url
+        if url not in ("auto", "embedded"):
+            username = urlsplit(url).username
+            if username:
+                names.add(unquote(username))
+        return frozenset(names)
 
     def credentials_changed(self) -> None:
         for listener in self.credential_listeners:

@@ -172,6 +172,12 @@ async def test_configuration_reaches_a_device_that_connects_later_and_its_report
         assert synced.json()["reported_version"] == 2
         listed = (await api.get(DEVICES, params={"config_in_sync": "false"})).json()
         assert listed["total"] == 0
+        channel = (await api.get("/api/v1/stats")).json()["device_channel"]
+        assert channel["device_auth"] is True
+        assert channel["config_out_of_sync"] == 0
+        assert channel["configs_published"] >= 1
+        assert channel["reports"] >= 1
+        assert channel["broker_accounts"] is None  # the embedded broker reads the registry
 
 
 async def test_bad_reports_and_statuses_go_to_the_dead_letters(tmp_path: Path) -> None:

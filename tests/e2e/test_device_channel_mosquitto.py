@@ -5,6 +5,8 @@ its accounts is rebuilt."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,17 @@ import aiomqtt
 import httpx
 import orjson
 import pytest
+import trustme
 
 from iotmeter.config import Settings
 from tests.conftest import make_settings
 from tests.e2e.conftest import start_app
-from tests.fixtures.services import Mosquitto, running_mosquitto
+from tests.fixtures.services import (
+    Mosquitto,
+    free_port,
+    running_mosquitto,
+    writable_by_mosquitto,
+)
 from tests.fixtures.waiting import eventually
 
 DEVICES = "/api/v1/devices"
@@ -81,6 +89,9 @@ async def test_credentials_made_through_the_api_are_what_mosquitto_accepts(
         )
         assert (await api.get(f"{DEVICES}/pump-2")).status_code == 404  # never arrived
         assert not await connects(broker.port, "pump-1", password + "x")
+        accounts = (await api.get("/api/v1/stats")).json()["device_channel"]["broker_accounts"]
+        assert accounts["devices_on_broker"] == 1
+        assert accounts["connected"] is True
 
         rotated = (await api.post(f"{DEVICES}/pump-1/credentials")).json()["password"]
         await on_broker(api, "pump-1")
@@ -171,3 +182,71 @@ async def test_configuration_goes_round_the_simulator_also_when_it_was_offline(
             within=30,
         )
         assert state.json()["reported"] == {"interval_s": 0.3, "enabled": True}
+
+
+async def test_collector_and_simulator_over_tls_verify_the_broker_with_the_ca_file(
+    empty_pg_url: str, tmp_path: Path
+) -> None:
+    # Not in tmp_path: Mosquitto runs as its own user and cannot enter pytest's folders.
+    certs = Path(tempfile.mkdtemp(prefix="iotmeter-tls-"))
+    authority = trustme.CA()
+    server = authority.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = certs / "ca.pem", certs / "b.pem", certs / "b.key"
+    authority.cert_pem.write_to_path(str(ca_file))
+    server.cert_chain_pems[0].write_to_path(str(cert_file))
+    server.private_key_pem.write_to_path(str(key_file))
+    tls_port = free_port()
+    tls_listener = (
+        f"listener {tls_port} 127.0.0.1",
+        f"cafile {ca_file}",
+        f"certfile {cert_file}",
+        f"keyfile {key_file}",
+    )
+    for path in (certs, ca_file, cert_file, key_file):
+        writable_by_mosquitto(path)
+    with running_mosquitto(extra_config=tls_listener) as broker:
+        url = f"mqtts://127.0.0.1:{tls_port}"
+        settings = make_settings(
+            empty_pg_url,
+            tmp_path,
+            mqtt_url=url,
+            mqtt_ca_file=ca_file,
+            mqtt_client_id=f"iotmeter-tls-{tmp_path.name}"[:64],
+            collector_enabled=True,
+            simulator_enabled=True,
+            simulator_devices=1,
+            simulator_kinds=["temperature"],
+            simulator_interval_s=0.2,
+            simulator_id_prefix="tls",
+            batch_max_delay_s=0.05,
+        )
+        async with start_app(settings) as api:
+            latest = await eventually(
+                lambda: api.get(f"{DEVICES}/tls-temperature-0001/latest"),
+                lambda r: r.status_code == 200 and bool(r.json()["fields"]),
+                what="a reading that went over TLS both ways",
+            )
+            assert latest.json()["fields"]
+            # And the configuration channel works over it too.
+            await api.put(f"{DEVICES}/tls-temperature-0001/configs/interval_s", json={"value": 1})
+            await eventually(
+                lambda: api.get(f"{DEVICES}/tls-temperature-0001/configs"),
+                lambda r: r.json()["in_sync"] and r.json()["reported_version"] == 1,
+                what="configuration applied over TLS",
+            )
+        assert broker.port != tls_port
+    shutil.rmtree(certs)
+
+
+def test_a_broker_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
+    from iotmeter.ingest.broker import BrokerAddress
+
+    other = trustme.CA()
+    ca_file = tmp_path / "other-ca.pem"
+    other.cert_pem.write_to_path(str(ca_file))
+    address = BrokerAddress.from_url("mqtts://127.0.0.1:8883")
+    assert address.tls_context() is not None
+    context = BrokerAddress("127.0.0.1", 1, tls=True, ca_file=str(ca_file)).tls_context()
+    assert context is not None
+    assert context.verify_mode.name == "CERT_REQUIRED"
+    assert len(context.get_ca_certs()) == 1

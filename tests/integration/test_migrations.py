@@ -17,7 +17,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from iotmeter.db import models  # noqa: F401  (registers every table on Base.metadata)
@@ -198,3 +198,37 @@ def test_migrations_run_from_the_installed_package(unpacked_wheel: Path, tmp_pat
     assert tables >= MODEL_TABLES | {"alembic_version"}
     assert revision == head_revision(f"sqlite+aiosqlite:///{database}")
     assert list(workdir.iterdir()) == []
+
+
+async def test_downgrading_the_device_channel_keeps_devices_and_their_configs(
+    fresh_database_url: str,
+) -> None:
+    """On SQLite a table rebuild of `devices` would cascade-delete every row referring to it."""
+    url = fresh_database_url
+    await asyncio.to_thread(upgrade, url)
+    engine = build_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO devices (id, name, type, metadata, status, created_at, "
+                    "updated_at) VALUES ('d1', 'D', 'power', '{}', 'active', "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            await connection.execute(
+                text(
+                    "INSERT INTO device_configs (device_id, key, value, updated_at) "
+                    "VALUES ('d1', 'k', '1', CURRENT_TIMESTAMP)"
+                )
+            )
+        await asyncio.to_thread(downgrade, url, "0006")
+        async with engine.connect() as connection:
+            devices = (await connection.execute(text("SELECT count(*) FROM devices"))).scalar()
+            configs = (
+                await connection.execute(text("SELECT count(*) FROM device_configs"))
+            ).scalar()
+        assert (devices, configs) == (1, 1)
+        await asyncio.to_thread(upgrade, url)
+    finally:
+        await engine.dispose()

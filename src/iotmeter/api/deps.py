@@ -69,7 +69,10 @@ def _after_channel_changes(state: AppState, info: dict[Any, Any]) -> None:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": the transaction commits before the response leaves (FastAPI's default for
+# a dependency with `yield` ends it after the response is sent: a client could be told 201 for
+# a change whose commit then failed, or read before it committed).
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 async def require_device(state: AppState, device_id: str) -> None:

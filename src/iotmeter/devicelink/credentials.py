@@ -15,10 +15,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from iotmeter.errors import SettingsInvalid
+
+logger = logging.getLogger(__name__)
 
 SERVICE_USERNAME = "iotmeter"
 """The broker account of iotmeter's own clients (collector, config publisher, simulator admin)."""
@@ -65,24 +71,54 @@ def service_password(secret: bytes) -> str:
     return derive_password(secret, SERVICE_USERNAME, _SERVICE_NONCE)
 
 
+MIN_SECRET_BYTES = 32
+"""A shorter secret could be guessed, and with it every device password and the service one."""
+
+
 def credential_secret(configured: str | None, path: Path) -> bytes:
     """The configured secret (`IOTMETER_DEVICE_CREDENTIAL_SECRET`), else the data folder's."""
-    return configured.encode() if configured else load_or_create_secret(path)
+    if configured:
+        return configured.encode()
+    return load_or_create_secret(path)
 
 
 def load_or_create_secret(path: Path) -> bytes:
-    """The credential secret kept in the data folder (mode 0600), made on first use."""
+    """The credential secret kept in `path` (mode 0600), made on first use. A file that holds
+    less than `MIN_SECRET_BYTES` is refused, never used (an empty key would make the service
+    password public)."""
     try:
-        return path.read_bytes().strip()
+        secret = path.read_bytes().strip()
     except FileNotFoundError:
-        pass
+        secret = _create_secret(path)
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SettingsInvalid(
+            f"the device credential secret in {path} holds {len(secret)} bytes, fewer than "
+            f"{MIN_SECRET_BYTES}: the file is damaged. Restore it from a backup (every device "
+            "password is derived from it), or delete it and give every device a new credential"
+        )
+    if path.stat().st_mode & 0o077:
+        logger.warning(
+            "%s (the device credential secret) can be read by other users: chmod 600 it", path
+        )
+    return secret
+
+
+def _create_secret(path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(32).encode()
-    # O_EXCL: two processes starting together agree on whichever file was made first.
+    # Written whole to a private temporary file, flushed, then linked into place: the secret
+    # file appears complete or not at all, and of two processes starting together the first
+    # link wins and both use its secret.
+    descriptor, temporary = tempfile.mkstemp(prefix=".secret-", dir=path.parent)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(secret + b"\n")
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(secret + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return path.read_bytes().strip()
+    finally:
+        os.unlink(temporary)
     return secret

@@ -15,6 +15,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    func,
     or_,
     select,
     update,
@@ -223,6 +224,25 @@ class ChannelRepository:
             .values(config_published_version=bindparam("b_version")),
             [{"b_id": d, "b_version": v} for d, v in published.items()],
         )
+
+    async def channel_counts(self) -> tuple[int, int]:
+        """(devices connected, devices whose reported configuration lags the desired one)."""
+        c = _DEVICES.c
+        row = (
+            await self.session.execute(
+                select(
+                    func.count().filter(c.connected.is_(True)),
+                    func.count().filter(
+                        c.config_version != 0,
+                        or_(
+                            c.reported_config_version.is_(None),
+                            c.reported_config_version != c.config_version,
+                        ),
+                    ),
+                ).select_from(_DEVICES)
+            )
+        ).one()
+        return int(row[0]), int(row[1])
 
     # --- what devices tell ----------------------------------------------------------------
 

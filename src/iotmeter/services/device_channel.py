@@ -11,10 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotmeter.db.models import DeviceCertificate
 from iotmeter.devicelink.credentials import NewCredential, derive_password, new_credential
-from iotmeter.errors import NotFound
+from iotmeter.errors import Conflict, NotFound, SettingsInvalid
 from iotmeter.repositories.configs import ConfigRepository
 from iotmeter.repositories.device_channel import ChannelRepository
-from iotmeter.services.devices import CERTIFICATES_CHANGED, CREDENTIALS_CHANGED, get_device
+from iotmeter.services.devices import (
+    CERTIFICATES_CHANGED,
+    CREDENTIALS_CHANGED,
+    get_device,
+    refuse_reserved,
+)
 
 if TYPE_CHECKING:
     from iotmeter.devicelink.certificates import DeviceCA
@@ -24,9 +29,12 @@ def _credentials_changed(session: AsyncSession) -> None:
     session.info[CREDENTIALS_CHANGED] = True
 
 
-async def create_credential(session: AsyncSession, device_id: str, secret: bytes) -> NewCredential:
+async def create_credential(
+    session: AsyncSession, device_id: str, secret: bytes, reserved: frozenset[str]
+) -> NewCredential:
     """Make or rotate the device's MQTT credential; the password is in the result only."""
     await get_device(session, device_id)
+    refuse_reserved(device_id, reserved)
     credential = new_credential(secret, device_id)
     await ChannelRepository(session).put_credential(
         device_id, credential.nonce, credential.password_hash
@@ -66,12 +74,27 @@ async def provision(
 
 
 async def issue_certificate(
-    session: AsyncSession, device_id: str, ca: DeviceCA, csr_pem: bytes, days: int
+    session: AsyncSession,
+    device_id: str,
+    ca: DeviceCA,
+    csr_pem: bytes,
+    days: int,
+    *,
+    secret: bytes,
+    reserved: frozenset[str],
 ) -> tuple[DeviceCertificate, str]:
-    """Sign the device's certificate request; the certificate row and its PEM."""
+    """Sign the device's certificate request; the certificate row and its PEM.
+
+    A device without an MQTT credential gets one, never shown: on Mosquitto the broker account
+    (client and role) that iotmeter keeps for each credential is what lets a device that logs
+    in by certificate publish and subscribe at all (the plugin denies by default)."""
     await get_device(session, device_id)
+    refuse_reserved(device_id, reserved)
     # Signing takes milliseconds of CPU (RSA more): off the event loop.
-    issued = await asyncio.to_thread(ca.sign_request, csr_pem, device_id, days)
+    try:
+        issued = await asyncio.to_thread(ca.sign_request, csr_pem, device_id, days)
+    except SettingsInvalid as exc:  # the CA expired since start-up: the operator must act
+        raise Conflict(str(exc)) from exc
     row = DeviceCertificate(
         serial=issued.serial_hex,
         device_id=device_id,
@@ -80,7 +103,12 @@ async def issue_certificate(
         expires_at=issued.not_after.astimezone(UTC),
         revoked_at=None,
     )
-    await ChannelRepository(session).add_certificate(row)
+    repository = ChannelRepository(session)
+    await repository.add_certificate(row)
+    if await repository.credential(device_id) is None:
+        account = new_credential(secret, device_id)
+        await repository.put_credential(device_id, account.nonce, account.password_hash)
+        _credentials_changed(session)
     return row, issued.pem
 
 
@@ -91,7 +119,9 @@ async def list_certificates(session: AsyncSession, device_id: str) -> Sequence[D
 
 async def revoke_certificate(session: AsyncSession, device_id: str, serial: str) -> None:
     await get_device(session, device_id)
-    if not await ChannelRepository(session).revoke_certificate(device_id, serial.lower()):
+    # Serials compare as numbers: `openssl x509 -serial` prints them upper case, zero-padded.
+    normalised = format(int(serial, 16), "x")
+    if not await ChannelRepository(session).revoke_certificate(device_id, normalised):
         raise NotFound(f"device {device_id!r} has no certificate with serial {serial!r}")
     session.info[CERTIFICATES_CHANGED] = True
 

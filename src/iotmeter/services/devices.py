@@ -71,11 +71,25 @@ async def require_device(connection: AsyncConnection, device_id: str) -> None:
         raise _device_not_found(device_id)
 
 
+def refuse_reserved(device_id: str, reserved: frozenset[str]) -> None:
+    """`Conflict` when the id is the username of a broker account that is not a device."""
+    if device_id in reserved:
+        raise Conflict(
+            f"{device_id!r} is the MQTT username of iotmeter's own broker account: a device with "
+            "this id could act as that account; choose another id"
+        )
+
+
 async def create_device(
-    session: AsyncSession, fields: dict[str, Any], *, max_devices: int = 0
+    session: AsyncSession,
+    fields: dict[str, Any],
+    *,
+    max_devices: int = 0,
+    reserved: frozenset[str] = frozenset(),
 ) -> Device:
-    """Register a device; a taken id, or no room under `max_devices` (0: no limit), is a
-    `Conflict`."""
+    """Register a device; a taken or reserved id, or no room under `max_devices` (0: no
+    limit), is a `Conflict`."""
+    refuse_reserved(fields["id"], reserved)
     repository = DeviceRepository(session)
     if await repository.get(fields["id"]) is not None:
         raise Conflict(f"device {fields['id']!r} already exists; choose another id or PATCH it")

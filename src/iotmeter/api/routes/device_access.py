@@ -40,7 +40,9 @@ async def create_credentials(
     """A new password, shown in this answer only (the registry keeps a hash). Any older
     password of the device stops working at its next connect. The device connects with
     username and client id both equal to its id."""
-    credential = await service.create_credential(session, device_id, state.device_secret())
+    credential = await service.create_credential(
+        session, device_id, state.device_secret(), state.reserved_usernames
+    )
     response.headers["Cache-Control"] = "no-store"
     stored = await ChannelRepository(session).credential(device_id)
     assert stored is not None
@@ -91,7 +93,7 @@ async def delete_credentials(device_id: DeviceIdPath, session: SessionDep) -> No
 @router.post(
     "/{device_id}/certificate",
     status_code=status.HTTP_201_CREATED,
-    responses={**NOT_FOUND, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    responses={**NOT_FOUND, 400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
     summary="Sign a device certificate",
 )
 async def create_certificate(
@@ -107,7 +109,13 @@ async def create_certificate(
             f"{env_name('device_ca_cert_file')} and {env_name('device_ca_key_file')}"
         )
     row, pem = await service.issue_certificate(
-        session, device_id, ca, body.csr.encode(), state.settings.device_certificate_days
+        session,
+        device_id,
+        ca,
+        body.csr.encode(),
+        state.settings.device_certificate_days,
+        secret=state.device_secret(),
+        reserved=state.reserved_usernames,
     )
     return CertificateIssued(
         serial=row.serial,

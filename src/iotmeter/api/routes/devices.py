@@ -49,7 +49,10 @@ async def create_device(
     """Register a device; 409 if the id is taken (`conflict`) or the registry holds
     `IOTMETER_MAX_DEVICES` devices (`limit_reached`)."""
     device = await service.create_device(
-        session, body.model_dump(), max_devices=state.settings.max_devices
+        session,
+        body.model_dump(),
+        max_devices=state.settings.max_devices,
+        reserved=state.reserved_usernames,
     )
     response.headers["Location"] = f"/api/v1/devices/{device.id}"
     return DeviceRead.model_validate(device)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
@@ -14,6 +15,7 @@ from iotmeter.api.deps import SessionDep, StateDep
 from iotmeter.db.base import utcnow
 from iotmeter.db.models import AlertRule, Notification
 from iotmeter.repositories.alerts import AlertRepository
+from iotmeter.repositories.device_channel import ChannelRepository
 from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.state import AppState
 
@@ -97,12 +99,31 @@ class AlertingStats(BaseModel):
     )
 
 
+class DeviceChannelStats(BaseModel):
+    """Credentials, configuration pushed to devices, and what devices tell back."""
+
+    device_auth: bool = Field(description="Devices must use their own credentials.")
+    connected: int = Field(description="Devices whose last status was `online`.")
+    config_out_of_sync: int = Field(
+        description="Devices that did not report their desired configuration version."
+    )
+    configs_published: int = Field(description="Desired configurations published since start.")
+    status_changes: int = Field(description="Status messages recorded since start.")
+    reports: int = Field(description="Reported configurations recorded since start.")
+    refused: int = Field(description="Status or report messages sent to the dead letters.")
+    broker_accounts: dict[str, Any] | None = Field(
+        description="Mosquitto's accounts as iotmeter last reconciled them (null: the embedded "
+        "broker, or device authentication off)."
+    )
+
+
 class Stats(BaseModel):
     started_at: datetime
     devices: DeviceStats
     messages: MessageStats
     limits: LimitStats
     alerting: AlertingStats
+    device_channel: DeviceChannelStats
     spool: SpoolStats | None
     active_alerts_by_severity: dict[str, int]
     backends: dict[str, str]
@@ -196,6 +217,22 @@ async def _alerting_stats(state: AppState, session: AsyncSession) -> AlertingSta
     )
 
 
+async def _channel_stats(state: AppState, session: AsyncSession) -> DeviceChannelStats:
+    connected, out_of_sync = await ChannelRepository(session).channel_counts()
+    channel = state.device_channel.stats if state.device_channel is not None else None
+    accounts = state.broker_accounts
+    return DeviceChannelStats(
+        device_auth=state.device_auth,
+        connected=connected,
+        config_out_of_sync=out_of_sync,
+        configs_published=channel.published if channel else 0,
+        status_changes=channel.status_changes if channel else 0,
+        reports=channel.reports if channel else 0,
+        refused=channel.refused if channel else 0,
+        broker_accounts=dataclasses.asdict(accounts.status) if accounts is not None else None,
+    )
+
+
 @router.get("/stats", summary="System statistics")
 async def stats(state: StateDep, session: SessionDep) -> Stats:
     """Devices, ingestion counters since start (messages = MQTT messages; readings = reading
@@ -229,6 +266,7 @@ async def stats(state: StateDep, session: SessionDep) -> Stats:
             refused={reason: counters.rejected[reason] for reason in LIMIT_REASONS},
         ),
         alerting=await _alerting_stats(state, session),
+        device_channel=await _channel_stats(state, session),
         spool=_spool_stats(state),
         active_alerts_by_severity=await AlertRepository(session).count_active_by_severity(),
         backends={
