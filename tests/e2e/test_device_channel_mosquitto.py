@@ -5,6 +5,7 @@ its accounts is rebuilt."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -250,3 +251,35 @@ def test_a_broker_certificate_from_another_ca_is_refused(tmp_path: Path) -> None
     assert context is not None
     assert context.verify_mode.name == "CERT_REQUIRED"
     assert len(context.get_ca_certs()) == 1
+
+
+async def test_a_device_registered_again_starts_from_nothing(
+    empty_pg_url: str, tmp_path: Path, broker: Mosquitto
+) -> None:
+    """Deleting a device clears what the broker retains for it (configuration, status,
+    report): after a restart (the channel subscribes again and the broker replays what it
+    retains) a new device with the same id has none of its predecessor's state."""
+    settings = settings_for(empty_pg_url, tmp_path, broker)
+    async with start_app(settings) as api:
+        await api.post(DEVICES, json={"id": "reused", "name": "R", "type": "power"})
+        password = (await api.post(f"{DEVICES}/reused/credentials")).json()["password"]
+        await on_broker(api, "reused")
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier="reused", username="reused", password=password
+        ) as device:
+            await device.publish("iot/reused/status", b"online", qos=1, retain=True)
+            report = orjson.dumps({"version": 1, "config": {"a": 1}})
+            await device.publish("iot/reused/config/reported", report, qos=1, retain=True)
+        await eventually(
+            lambda: api.get(f"{DEVICES}/reused"),
+            lambda r: r.json()["connected"] is True and r.json()["reported_config_version"] == 1,
+            what="the first device's status and report recorded",
+        )
+        assert (await api.delete(f"{DEVICES}/reused")).status_code == 204
+        await asyncio.sleep(1.0)  # the channel clears the retained topics
+        await api.post(DEVICES, json={"id": "reused", "name": "R", "type": "power"})
+    async with start_app(settings) as api:
+        await asyncio.sleep(1.5)  # subscribed again; anything retained would be back
+        device = (await api.get(f"{DEVICES}/reused")).json()
+        assert device["connected"] is None
+        assert device["reported_config_version"] is None

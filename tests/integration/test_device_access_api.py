@@ -292,3 +292,26 @@ async def test_without_a_device_ca_certificates_are_refused_naming_the_settings(
             response = await api.post(f"{DEVICES}/d1/certificate", json={"csr": csr_for("d1")})
     assert response.status_code == 409
     assert "IOTMETER_DEVICE_CA_CERT_FILE" in response.json()["error"]["message"]
+
+
+async def test_the_broker_service_account_name_is_no_device_id(api: httpx.AsyncClient) -> None:
+    response = await api.post(DEVICES, json={"id": "iotmeter", "name": "x", "type": "power"})
+    assert response.status_code == 409
+    assert "broker account" in response.json()["error"]["message"]
+
+
+async def test_a_certificate_brings_a_broker_account_and_serials_compare_as_numbers(
+    api: httpx.AsyncClient, device: str
+) -> None:
+    assert (await api.get(f"{DEVICES}/{device}/credentials")).status_code == 404
+    issued = (
+        await api.post(f"{DEVICES}/{device}/certificate", json={"csr": csr_for(device)})
+    ).json()
+    account = await api.get(f"{DEVICES}/{device}/credentials")
+    assert account.status_code == 200  # the broker account a certificate login needs
+    assert account.json()["password"] is None
+
+    padded = issued["serial"].upper().rjust(40, "0")  # as `openssl x509 -serial` prints it
+    assert (await api.delete(f"{DEVICES}/{device}/certificates/{padded}")).status_code == 204
+    listed = (await api.get(f"{DEVICES}/{device}/certificates")).json()
+    assert listed[0]["revoked_at"] is not None

@@ -30,7 +30,7 @@ import aiomqtt
 import orjson
 
 from iotmeter.db.engine import Database
-from iotmeter.devicelink.acl import config_topic
+from iotmeter.devicelink.acl import config_topic, reported_topic, status_topic
 from iotmeter.ids import DEVICE_ID_RE
 from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.readings import Rejection, RejectReason
@@ -47,6 +47,8 @@ PUBLISH_BATCH = 500
 RESCAN_S = 30.0
 """The registry is also scanned this often for unpublished configuration (another process's
 change, or a publish that failed)."""
+MAX_HELD_REFUSALS = 1000
+"""Dead letters kept in memory while the registry is down (the newest)."""
 MAX_REPORTED_BYTES = 256 * 1024
 MAX_CONFIG_KEYS = 1000
 """As many keys as the API lets a device's desired configuration have."""
@@ -269,20 +271,26 @@ class DeviceChannel:
                 await repository.apply_status(pending.status)
                 await repository.apply_reported(pending.reported)
                 await DeadLetterRepository(session).add_many(pending.refused, scope="channel")
-        except Exception:
-            # The registry is down: keep what came (newer entries of a device win) and retry.
-            for device_id, change in pending.status.items():
-                self._pending.status.setdefault(device_id, change)
-            for device_id, report in pending.reported.items():
-                self._pending.reported.setdefault(device_id, report)
-            self._pending.refused[:0] = pending.refused[-1000:]
+        except BaseException as exc:
+            # Not written (the registry is down, or we are being stopped): keep what came,
+            # newer entries of a device winning, for the next flush.
+            self._restore(pending)
+            if not isinstance(exc, Exception):
+                raise
             self._arrived.set()
-            logger.warning("device channel cannot write to the registry; retrying", exc_info=True)
+            logger.warning("device channel cannot write to the registry; retrying: %s", exc)
             await asyncio.sleep(1.0)
             return
         self.stats.status_changes += len(pending.status)
         self.stats.reports += len(pending.reported)
         self.stats.refused += len(pending.refused)
+
+    def _restore(self, pending: _Pending) -> None:
+        for device_id, change in pending.status.items():
+            self._pending.status.setdefault(device_id, change)
+        for device_id, report in pending.reported.items():
+            self._pending.reported.setdefault(device_id, report)
+        self._pending.refused[:0] = pending.refused[-MAX_HELD_REFUSALS:]
 
     # --- out: desired configuration --------------------------------------------------------
 
@@ -293,31 +301,46 @@ class DeviceChannel:
                     await self._wake.wait()
             self._wake.clear()
             for device_id in sorted(self._to_clear):
-                await client.publish(config_topic(device_id), b"", qos=1, retain=True)
+                # An empty retained message deletes the broker's copy: a device registered
+                # later under the same id starts from nothing.
+                for topic in (
+                    config_topic(device_id),
+                    status_topic(device_id),
+                    reported_topic(device_id),
+                ):
+                    await client.publish(topic, b"", qos=1, retain=True)
                 self._to_clear.discard(device_id)
             while await self._publish_batch(client) == PUBLISH_BATCH:
                 pass
 
     async def _publish_batch(self, client: aiomqtt.Client) -> int:
+        """Publish one batch of changed configurations; how many were due.
+
+        One transaction holds the due devices' rows from reading to marking them published
+        (PostgreSQL: locked, skipping rows another iotmeter process holds): a configuration
+        change waits for it, so a version is published with its own keys, and no process can
+        publish an older version over a newer one."""
+        due: list[tuple[str, int]] = []
         try:
             async with self.database.transaction() as session:
                 repository = ChannelRepository(session)
-                due = await repository.unpublished(PUBLISH_BATCH)
+                due = await repository.unpublished(PUBLISH_BATCH, lock=True)
                 configs = await repository.desired([device_id for device_id, _ in due])
-        except Exception:
-            logger.warning("device channel cannot read the registry; retrying", exc_info=True)
+                published: dict[str, int] = {}
+                for device_id, version in due:
+                    config = configs.get(device_id, {})
+                    message = orjson.dumps({"version": version, "config": config})
+                    await client.publish(config_topic(device_id), message, qos=1, retain=True)
+                    published[device_id] = version
+                await repository.mark_published(published)
+        except aiomqtt.MqttError:
+            raise  # the connection is gone: `run` reconnects; the versions stay unpublished
+        except Exception as exc:
+            logger.warning("device channel cannot use the registry; retrying: %s", exc)
             self._wake.set()
             await asyncio.sleep(1.0)
             return 0
-        published: dict[str, int] = {}
-        for device_id, version in due:
-            message = orjson.dumps({"version": version, "config": configs.get(device_id, {})})
-            await client.publish(config_topic(device_id), message, qos=1, retain=True)
-            published[device_id] = version
-        if published:
-            async with self.database.transaction() as session:
-                await ChannelRepository(session).mark_published(published)
-            self.stats.published += len(published)
+        self.stats.published += len(due)
         return len(due)
 
 

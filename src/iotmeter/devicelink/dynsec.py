@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 
 from iotmeter.devicelink import acl
 from iotmeter.errors import BackendUnavailable, IotmeterError
@@ -597,9 +598,9 @@ class BrokerAccounts:
                     # Refused changes ("Client already exists" after another process's create)
                     # are tried again soon; a refusal that lasts costs a listing per retry.
                     delay = min(self.retry_s, self.period_s) if status.failed else self.period_s
-                except DynsecUnavailable:
+                except (DynsecUnavailable, aiomqtt.MqttError, OwnRoleChanged):
                     raise
-                except IotmeterError as exc:
+                except (IotmeterError, SQLAlchemyError, OSError) as exc:
                     # The registry failed: keep the connection, try again after a pause.
                     self.status.last_error = describe(exc)
                     logger.warning("broker accounts: pass failed: %s", self.status.last_error)

@@ -189,14 +189,19 @@ class ChannelRepository:
         )
         return int(version or 0)
 
-    async def unpublished(self, limit: int) -> list[tuple[str, int]]:
-        """Devices whose desired configuration changed since it was last published."""
-        rows = await self.session.execute(
+    async def unpublished(self, limit: int, *, lock: bool = False) -> list[tuple[str, int]]:
+        """Devices whose desired configuration changed since it was last published (with
+        `lock`, their rows held to the end of the transaction; rows another transaction holds
+        are skipped on PostgreSQL)."""
+        statement = (
             select(Device.id, Device.config_version)
             .where(Device.config_version > Device.config_published_version)
             .order_by(Device.id)
             .limit(limit)
         )
+        if lock and self.session.get_bind().dialect.name == "postgresql":
+            statement = statement.with_for_update(skip_locked=True)
+        rows = await self.session.execute(statement)
         return [(device_id, int(version)) for device_id, version in rows]
 
     async def desired(self, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
