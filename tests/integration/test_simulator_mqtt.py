@@ -57,8 +57,14 @@ async def running(simulator: Simulator) -> AsyncIterator[asyncio.Task[None]]:
 
 
 @contextlib.asynccontextmanager
-async def subscriber(broker: Mosquitto) -> AsyncIterator[aiomqtt.Client]:
-    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+async def subscriber(
+    broker: Mosquitto, session: str | None = None
+) -> AsyncIterator[aiomqtt.Client]:
+    """A telemetry subscriber; with `session`, a persistent one under that client id (the
+    broker keeps what arrives while it is away, also across a broker restart)."""
+    async with aiomqtt.Client(
+        "127.0.0.1", broker.port, identifier=session, clean_session=False if session else None
+    ) as client:
         await client.subscribe("iot/+/telemetry", qos=1)
         yield client
 
@@ -211,8 +217,10 @@ async def test_reconnects_after_a_broker_restart(
     caplog.set_level(logging.INFO, logger=LOGGER)
     simulator = Simulator(simulator_settings(), broker.url)
 
+    # Persistent: the simulator may reconnect and publish before the watcher is back.
+    watcher = f"watcher-{uuid.uuid4().hex[:8]}"
     async with running(simulator) as task:
-        async with subscriber(broker) as client:
+        async with subscriber(broker, watcher) as client:
             before = by_device(await collect(client, 1.0))
         assert len(before) == 6
 
@@ -222,7 +230,7 @@ async def test_reconnects_after_a_broker_restart(
         published_while_down = simulator.stats.published
         await asyncio.to_thread(broker.start)
 
-        async with subscriber(broker) as client:
+        async with subscriber(broker, watcher) as client:
             deadline = time.monotonic() + 10
             after: dict[str, list[dict[str, Any]]] = {}
             while len(after) < 6 and time.monotonic() < deadline:
