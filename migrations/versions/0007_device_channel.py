@@ -48,14 +48,10 @@ def upgrade() -> None:
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("serial", name=op.f("pk_device_certificates")),
     )
-    op.create_index(
-        op.f("ix_device_certificates_device_id"), "device_certificates", ["device_id"]
-    )
+    op.create_index(op.f("ix_device_certificates_device_id"), "device_certificates", ["device_id"])
     with op.batch_alter_table("devices") as batch:
         batch.add_column(sa.Column("connected", sa.Boolean(), nullable=True))
-        batch.add_column(
-            sa.Column("last_connected_at", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch.add_column(sa.Column("last_connected_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(
             sa.Column("last_disconnected_at", sa.DateTime(timezone=True), nullable=True)
         )
@@ -63,9 +59,7 @@ def upgrade() -> None:
             sa.Column("config_version", sa.Integer(), nullable=False, server_default="0")
         )
         batch.add_column(
-            sa.Column(
-                "config_published_version", sa.Integer(), nullable=False, server_default="0"
-            )
+            sa.Column("config_published_version", sa.Integer(), nullable=False, server_default="0")
         )
         batch.add_column(sa.Column("reported_config_version", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("reported_config", _JSON, nullable=True))
