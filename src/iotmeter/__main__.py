@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 
 from iotmeter import cli_keys
-from iotmeter.config import Settings, load_settings
+from iotmeter.config import Settings, env_name, load_settings
 from iotmeter.errors import SettingsInvalid
+from iotmeter.logging import configure_logging, secrets_of
+
+logger = logging.getLogger("iotmeter.cli")
 
 
 class _Terminated(Exception):
@@ -37,6 +43,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             create_app(settings),
             host=args.host or settings.http_host,
             port=args.port or settings.http_port,
+            # Not uvicorn's own logging configuration: its records (the access log too, at
+            # INFO) go through iotmeter's handler, in iotmeter's format.
+            log_config=None,
             log_level=settings.log_level.lower(),
             http=HttpProtocol,
             timeout_keep_alive=settings.http_keep_alive_s,
@@ -61,7 +70,6 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
 
-    from iotmeter.logging import configure_logging
     from iotmeter.simulator.publisher import run_simulator
 
     overrides = {
@@ -81,7 +89,6 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
             if settings.mqtt_url not in ("auto", "embedded")
             else f"mqtt://{settings.mqtt_embedded_host}:{settings.mqtt_embedded_port}"
         )
-    configure_logging(settings.log_level)
     print(
         f"simulating {settings.simulator_devices} devices every {settings.simulator_interval_s} s "
         f"on {broker.split('@')[-1]}; Ctrl-C stops",
@@ -228,10 +235,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = load_settings()
         except SettingsInvalid as exc:
-            print(f"iotmeter: {exc.message}", file=sys.stderr)
+            _refuse_settings(exc.message)
             return 2
-    result: int = args.handler(settings, args)
+        configure_logging(
+            settings.log_level,
+            settings.log_format,
+            settings.log_repeat_window_s,
+            secrets_of(settings),
+        )
+    try:
+        result: int = args.handler(settings, args)
+    except Exception:
+        # Through the log handler: one JSON object with the traceback in JSON mode.
+        logger.exception("iotmeter %s failed", args.command)
+        return 1
     return result
+
+
+def _refuse_settings(message: str) -> None:
+    """Say why the settings are refused: a JSON log line when the logs are JSON (that one
+    variable read by itself, as the settings could not be), else a line for a person."""
+    if os.environ.get(env_name("log_format"), "").strip().lower() != "json":
+        print(f"iotmeter: {message}", file=sys.stderr)
+        return
+    configure_logging("INFO", "json")
+    variables = sorted(set(re.findall(r"\bIOTMETER_[A-Z0-9_]+", message)))
+    logger.error("%s", message, extra={"variables": variables})
 
 
 if __name__ == "__main__":

@@ -494,6 +494,34 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
     )
 
     log_level: LogLevel = Field("INFO", description="Log level.")
+    log_format: Literal["console", "json"] = Field(
+        "console",
+        description="`console`: one readable line per record; `json`: one JSON object per line "
+        "(time, level, logger, message and context fields such as sink, device_id, request_id).",
+    )
+    log_repeat_window_s: float = Field(
+        60.0,
+        ge=0,
+        description="Identical warnings within this many seconds are logged once, then counted "
+        "(0: log every one).",
+    )
+    metrics_enabled: bool = Field(
+        True, description="Export Prometheus metrics at `/metrics` (and on the metrics port)."
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve `/metrics` on this port too, without authentication, so the API need "
+        "not be exposed to the scraper (0: only on the API port, behind the API's keys).",
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics port binds.")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="Send OpenTelemetry traces over OTLP/HTTP to this URL "
+        "(e.g. `http://127.0.0.1:4318`; unset: tracing off). Needs the `tracing` extra: "
+        "`pip install 'iotmeter[tracing]'`.",
+    )
 
     @field_validator("cors_origins", "simulator_kinds", "http_allowed_hosts", mode="before")
     @classmethod

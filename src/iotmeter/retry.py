@@ -4,7 +4,8 @@ Every loop that waits before trying again takes its delays from a `Backoff`: a s
 ingest runner), the MQTT connection (intake and simulator), a crashed background task (the
 supervisor) and a single S3 PUT. One policy means one place where jitter, the cap and the
 `Retry-After` rule are right, and one way of logging an outage: once when it starts, once when
-it ends, the retries in between at debug level.
+it ends, the retries in between at debug level, each line with the loop's context fields
+(`sink=archive`, `broker=host:port`).
 
 Why not tenacity or stamina: those model a retried *call*. Our loops are longer-lived (a broker
 session that fails after hours must start again from the first delay; a sink that recovers must
@@ -18,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from iotmeter.errors import BackendUnavailable
 
@@ -53,6 +54,7 @@ class Backoff:
         log: logging.Logger | None = None,
         quiet: bool = False,
         random_fraction: Callable[[], float] = random.random,
+        context: Mapping[str, object] | None = None,
     ) -> None:
         if not 0 < initial <= cap:
             raise ValueError(f"need 0 < initial <= cap (got {initial}, {cap})")
@@ -69,6 +71,8 @@ class Backoff:
         self._quiet = quiet
         """Log the start and end of an outage at debug level too (a caller that reports it)."""
         self._random = random_fraction
+        self._context = dict(context) if context else None
+        """Fields for each log line (`extra=`): what fails, for a reader of JSON logs."""
 
     @property
     def failing(self) -> bool:
@@ -85,9 +89,10 @@ class Backoff:
                 "%s failing, retrying until it works: %s",
                 self.what,
                 self.last_error,
+                extra=self._context,
             )
         else:
-            self._log.debug("%s still failing: %s", self.what, self.last_error)
+            self._log.debug("%s still failing: %s", self.what, self.last_error, extra=self._context)
         asked = retry_after_of(exc)
         if asked is not None:
             if asked > self.retry_after_cap and self.failures == 1:
@@ -98,6 +103,7 @@ class Backoff:
                     self.what,
                     asked,
                     self.retry_after_cap,
+                    extra=self._context,
                 )
             return max(0.0, min(asked, self.retry_after_cap))
         ceiling = min(self.cap, self.initial * 2.0 ** min(self.failures - 1, 30))
@@ -109,15 +115,22 @@ class Backoff:
 
     def succeeded(self) -> None:
         """The next failure starts from the first delay again; a recovery is logged once."""
+        self.recovered()
+        self.failures = 0
+
+    def recovered(self) -> None:
+        """The outage is over (logged once), but the delays go on from where they were: for a
+        connection that is back but may not last (one that drops at once is tried again after
+        a growing delay, not in a tight loop). `succeeded()` once it has proven itself."""
         if self.failing_since is not None:
             self._log.log(
                 logging.DEBUG if self._quiet else logging.WARNING,
                 "%s recovered after %.1f s",
                 self.what,
                 time.monotonic() - self.failing_since,
+                extra=self._context,
             )
         self.failing_since = None
-        self.failures = 0
         self.last_error = None
 
 

@@ -73,6 +73,7 @@ class TaskSupervisor:
             initial=self._initial_backoff,
             cap=self._max_backoff,
             log=logger,
+            context={"task": status.name},
         )
         while True:
             status.state = "running"

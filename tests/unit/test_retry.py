@@ -159,6 +159,37 @@ def test_a_capped_retry_after_is_not_warned_about_on_every_retry(
     assert levels(caplog) == ["DEBUG"] * 5
 
 
+def test_each_outage_line_carries_the_loops_context(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    policy = Backoff("archive sink", log=logging.getLogger(LOGGER), context={"sink": "archive"})
+    policy.next_delay(BackendUnavailable("busy", retry_after=3600))
+    policy.next_delay(OSError("refused"))
+    policy.succeeded()
+    ours = [record for record in caplog.records if record.name == LOGGER]
+    assert len(ours) == 4  # failing, Retry-After capped, still failing, recovered
+    assert [getattr(record, "sink", None) for record in ours] == ["archive"] * 4
+
+
+def test_recovered_ends_the_outage_but_keeps_the_delays_growing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A connection that is back but drops at once must not be retried in a tight loop.
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    policy = backoff(1.0)
+    assert delays(policy, 3) == [1.0, 2.0, 4.0]
+    caplog.clear()
+    policy.recovered()
+    assert not policy.failing
+    assert policy.last_error is None
+    assert levels(caplog) == ["WARNING"]
+    assert "the store recovered" in caplog.records[-1].getMessage()
+    caplog.clear()
+    assert delays(policy, 1) == [8.0]  # not the first delay again
+    assert levels(caplog) == ["WARNING"]  # a new outage starts
+    policy.succeeded()
+    assert delays(policy, 1) == [1.0]
+
+
 # --- waiting ----------------------------------------------------------------------------------
 
 

@@ -50,6 +50,9 @@ TAKEOVER_STREAK = 3
 """Connections in a row closed by the broker within `STABLE_AFTER_S` of subscribing: another
 client is taking the session (same client id)."""
 MAX_HOLD_S = 1.0
+HOLD_REPORT_S = 60.0
+"""Holding is logged when it starts, at most once in this many seconds, with how often and
+how long the intake held since the last such line (under load it holds many times a second)."""
 
 _Pending = tuple[str, bytes, int, int, bool]
 """A message kept for want of room: topic, payload, qos, mid, retained."""
@@ -89,6 +92,9 @@ class Intake:
         self.spool_full_since: float | None = None
         self.spool_error: str | None = None
         self.held_s = 0.0
+        self.holds = 0
+        self.reconnects = 0
+        """Established connections (subscribed) that were lost."""
         self.retained_ignored = 0
         self.oversized = 0
         self._session: MqttSession | None = None
@@ -113,6 +119,8 @@ class Intake:
         self._helpers: set[asyncio.Task[None]] = set()
         self._hold: asyncio.Task[None] | None = None
         self._admitting: asyncio.Task[None] | None = None
+        self._hold_reported: tuple[float, int, float] | None = None
+        """(when, holds, seconds held) at the last "intake held" line."""
 
     # --- observing ----------------------------------------------------------------------------
 
@@ -132,6 +140,11 @@ class Intake:
             )
         return f"subscribed to {TOPIC_FILTER} on the {self.broker.describe()} as {self.client_id}"
 
+    @property
+    def inflight(self) -> int:
+        """Messages taken from the broker and not acknowledged yet (spooled or waiting)."""
+        return len(self._unacked) + len(self._waiting)
+
     # --- running ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -146,7 +159,10 @@ class Intake:
                 await asyncio.gather(*self._helpers, return_exceptions=True)
 
     async def _connection_loop(self) -> None:
-        backoff = Backoff(f"MQTT connection to the {self.broker.describe()}", log=logger)
+        context = {"broker": f"{self.broker.host}:{self.broker.port}"}
+        backoff = Backoff(
+            f"MQTT connection to the {self.broker.describe()}", log=logger, context=context
+        )
         short_lived = 0
         while True:
             session = MqttSession(self.broker, self.client_id, self._on_message)
@@ -159,8 +175,13 @@ class Intake:
                 await session.subscribe(TOPIC_FILTER, 1)
                 subscribed_at = time.monotonic()
                 self.connected, self.last_error = True, None
+                # "Broker back" now; the delays start anew only once the connection has lasted.
+                backoff.recovered()
                 logger.info(
-                    "collector subscribed to %s as client id %s", TOPIC_FILTER, self.client_id
+                    "collector subscribed to %s as client id %s",
+                    TOPIC_FILTER,
+                    self.client_id,
+                    extra={**context, "client_id": self.client_id},
                 )
                 await session.wait_closed()
             except SessionClosed as exc:
@@ -171,6 +192,8 @@ class Intake:
                 session.close()
                 self._waiting.clear()  # not acked: the broker sends them again
             self.last_error = describe(error)
+            if subscribed_at is not None:
+                self.reconnects += 1
             if subscribed_at is not None and time.monotonic() - subscribed_at >= STABLE_AFTER_S:
                 backoff.succeeded()
                 short_lived = 0
@@ -185,6 +208,7 @@ class Intake:
                         STABLE_AFTER_S,
                         self.client_id,
                         env_name("mqtt_client_id"),
+                        extra={**context, "client_id": self.client_id},
                     )
             await backoff.wait(error)
 
@@ -239,7 +263,7 @@ class Intake:
     async def _commit_loop(self) -> None:
         """Group commit: fsync what arrived, then ack it (on the connection it came on)."""
         interval = self.settings.spool_commit_interval_s
-        backoff = Backoff("spool write", log=logger)
+        backoff = Backoff("spool write", log=logger, context={"spool": str(self.spool.directory)})
         while True:
             await self._work.wait()
             if not self._crowded.is_set():
@@ -286,6 +310,37 @@ class Intake:
         if self.flow.behind(self._head(), self._hold_limit):
             self._pause("hold")
             self._hold = self._spawn(self._hold_intake(), "intake-hold")
+            self.holds += 1
+            now = time.monotonic()
+            if self._hold_reported is None or now - self._hold_reported[0] >= HOLD_REPORT_S:
+                self._report_hold(now)
+
+    def _report_hold(self, now: float) -> None:
+        head = self._head()
+        if self._hold_reported is None:
+            logger.info(
+                "intake held: a sink is more than %d records behind, so the intake stops "
+                "reading the broker (a second at a time) until it catches up; the broker keeps "
+                "what waits",
+                self._hold_limit,
+                extra={"spool_seq": head},
+            )
+        else:
+            since, holds, held_s = self._hold_reported
+            logger.info(
+                "intake held again: a sink is more than %d records behind (%d holds, %.1f s "
+                "held in the %.0f s since the last such line)",
+                self._hold_limit,
+                self.holds - holds,
+                self.held_s - held_s,
+                now - since,
+                extra={
+                    "spool_seq": head,
+                    "holds": self.holds - holds,
+                    "held_s": round(self.held_s - held_s, 1),
+                },
+            )
+        self._hold_reported = (now, self.holds, self.held_s)
 
     def _head(self) -> int:
         return self.spool.committed_seq + self.spool.pending
@@ -332,12 +387,18 @@ class Intake:
                     "spool full (%d bytes, %s): not acking; the broker keeps the backlog",
                     self.spool.disk_bytes,
                     env_name("spool_max_bytes"),
+                    extra={
+                        "spool_bytes": self.spool.disk_bytes,
+                        "spool_seq": self.spool.committed_seq,
+                    },
                 )
             await asyncio.sleep(0.2)
         if self.spool_full_since is not None:
+            full_s = time.monotonic() - self.spool_full_since
             logger.warning(
                 "spool has room again after %.0f s; acking resumes",
-                time.monotonic() - self.spool_full_since,
+                full_s,
+                extra={"spool_bytes": self.spool.disk_bytes, "full_s": round(full_s, 1)},
             )
             self.spool_full_since = None
         # Back-pressure on a broker that sends without limit: wait for the next commit.
