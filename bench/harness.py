@@ -3261,7 +3261,19 @@ def build_parser() -> argparse.ArgumentParser:
         "and no S3 PUT phase",
     )
     auth.add_argument(
-        "--repeat", type=int, default=1, help="--device-auth-compare: pairs of runs (off, on)"
+        "--repeat",
+        type=int,
+        default=1,
+        help="--device-auth-compare, --compare-env: pairs of runs (off, on)",
+    )
+    auth.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        metavar="IOTMETER_NAME=VALUE",
+        help="run without (off) and with (on) these app settings, --repeat times alternating, "
+        "each on fresh services, and print both rates and their ratio (e.g. "
+        "--app-env IOTMETER_METRICS_ENABLED=false --compare-env IOTMETER_METRICS_ENABLED=true)",
     )
 
     app = parser.add_argument_group("iotmeter")
@@ -3371,7 +3383,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if "--smoke" in argv:
         # Smoke values replace the defaults only: options given explicitly still win.
         parser.set_defaults(**SMOKE_DEFAULTS)
-    if "--device-auth-compare" in argv:
+    if "--device-auth-compare" in argv or "--compare-env" in argv:
         # The question is ingest with and without device auth: no API or S3 PUT phases
         # unless asked for.
         parser.set_defaults(api=False, s3_put_default=0.0)
@@ -3383,8 +3395,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise SystemExit("the device-auth options apply to the steady mode only")
     if args.device_auth_compare and args.mqtt_url:
         raise SystemExit("--device-auth-compare starts its own brokers: no --mqtt-url")
-    if args.repeat < 1 or (args.repeat > 1 and not args.device_auth_compare):
-        raise SystemExit("--repeat goes with --device-auth-compare, and is at least 1")
+    if args.repeat < 1 or (args.repeat > 1 and not (args.device_auth_compare or args.compare_env)):
+        raise SystemExit("--repeat goes with --device-auth-compare or --compare-env, at least 1")
+    if args.compare_env and args.device_auth_compare:
+        raise SystemExit("--compare-env and --device-auth-compare are two questions: one at a time")
     if per_device and args.devices > MAX_CONNECTIONS_PER_PUBLISHER * args.publishers:
         raise SystemExit(
             f"per-device connections: at most {MAX_CONNECTIONS_PER_PUBLISHER} devices per "
@@ -3406,7 +3420,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    if args.device_auth_compare:
+    if args.device_auth_compare or args.compare_env:
         return await compare_device_auth(args, argv)
     _summary, status = await run_once(args, argv)
     return status
@@ -3505,21 +3519,31 @@ async def compare_device_auth(args: argparse.Namespace, argv: Sequence[str]) -> 
     ratio on / off. The combined summary goes to `--json` (default bench/results/...), each
     run's own beside it."""
     started = datetime.now(UTC)
+    question = (
+        f"without / with {' '.join(args.compare_env)}"
+        if args.compare_env
+        else "device auth off / on, one MQTT connection per device"
+    )
+    kind = "env-compare" if args.compare_env else "device-auth-compare"
     base = args.json or RESULTS / (
-        f"{started:%Y%m%d-%H%M%S}-device-auth-compare-{args.archive_layout}-{args.archive}.json"
+        f"{started:%Y%m%d-%H%M%S}-{kind}-{args.archive_layout}-{args.archive}.json"
     )
     runs: list[dict[str, Any]] = []
     status = 0
     for repetition in range(1, args.repeat + 1):
         for variant in ("off", "on"):
             variant_args = argparse.Namespace(**vars(args))
-            variant_args.device_auth = variant == "on"
-            variant_args.per_device_connections = True
             variant_args.device_auth_compare = False
+            variant_args.compare_env = []
+            if args.compare_env:
+                if variant == "on":
+                    variant_args.app_env = [*args.app_env, *args.compare_env]
+            else:
+                variant_args.device_auth = variant == "on"
+                variant_args.per_device_connections = True
             path = base.with_suffix(f".{repetition}-auth-{variant}.json")
             print(
-                f"device auth comparison, run {len(runs) + 1} of {2 * args.repeat}: "
-                f"auth {variant} ...",
+                f"{question}: run {len(runs) + 1} of {2 * args.repeat}: {variant} ...",
                 file=sys.stderr,
                 flush=True,
             )
@@ -3529,6 +3553,7 @@ async def compare_device_auth(args: argparse.Namespace, argv: Sequence[str]) -> 
     document = {
         "harness": "bench/harness.py",
         "command": " ".join(["bench/harness.py", *argv]),
+        "question": question,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "git": git_revision(),
@@ -3664,8 +3689,7 @@ def render_comparison(document: dict[str, Any]) -> str:
     comparison = document["comparison"]
     lines = [
         "",
-        "device auth off / on, one MQTT connection per device "
-        f"({document['started_at']} to {document['finished_at']})",
+        f"{document['question']} ({document['started_at']} to {document['finished_at']})",
         f"  {'run':<5}{'auth':<6}{'stored msg/s':>13}{'ceiling':>10}{'stored/ceil':>12}"
         f"{'loss':>7}{'app %':>7}{'broker %':>9}{'pub %':>7}{'pg %':>6}"
         f"{'outside % (ceil/app)':>22}{'busy %':>8}",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -24,6 +25,7 @@ from iotmeter.api.auth import authorize, warn_when_off
 from iotmeter.api.errors import API_ERRORS, install_error_handlers
 from iotmeter.api.guard import RequestGuard
 from iotmeter.api.openapi import install_truthful_openapi
+from iotmeter.api.request_id import RequestId
 from iotmeter.api.routes import (
     alert_rules,
     alerts,
@@ -34,6 +36,7 @@ from iotmeter.api.routes import (
     devices,
     health,
     keys,
+    operations,
     raw,
     stats,
     telemetry,
@@ -55,7 +58,9 @@ from iotmeter.ingest.broker import open_broker
 from iotmeter.ingest.collector import Collector, build_sinks
 from iotmeter.ingest.directory import DeviceDirectory
 from iotmeter.ingest.series import SeriesGuard
-from iotmeter.logging import configure_logging
+from iotmeter.logging import configure_logging, secrets_of
+from iotmeter.observability.metrics import HttpMetrics, Metrics, MetricsPort
+from iotmeter.observability.tracing import TracingMiddleware, start_tracing
 from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.runtime import TaskSupervisor
 from iotmeter.server import HttpProtocol
@@ -64,6 +69,9 @@ from iotmeter.services.keys import bootstrap_admin_key, record_key_use
 from iotmeter.simulator.publisher import plan_devices, run_simulator
 from iotmeter.state import AppState
 from iotmeter.storage.factory import open_archive, open_timeseries
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +88,17 @@ async def _database_health(database: Database) -> str:
 
 @asynccontextmanager
 async def open_state(
-    settings: Settings, extra_tasks: Mapping[str, BackgroundTask] | None = None
+    settings: Settings,
+    extra_tasks: Mapping[str, BackgroundTask] | None = None,
+    metrics: Metrics | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> AsyncIterator[AppState]:
     """Open every shared client on one exit stack, start the tasks; undo it all in reverse."""
     async with AsyncExitStack() as stack:
+        tracing = start_tracing(settings, span_exporter)
+        if tracing is not None:
+            # First on the stack, so last off: the tasks' last spans are exported too.
+            stack.push_async_callback(asyncio.to_thread, tracing.shutdown)
         if settings.auto_migrate:
             logger.info("upgrading the database schema")
             await upgrade_async(settings.database_url)
@@ -101,6 +116,7 @@ async def open_state(
             timeseries=timeseries,
             archive=archive,
             supervisor=supervisor,
+            metrics=metrics,
         )
         check = RegistryCredentialCheck(database)
         state.credential_listeners.append(check.forget)
@@ -154,8 +170,17 @@ async def open_state(
             collector = await Collector.open(settings, broker, database, sinks, state.stats)
             stack.callback(collector.close)
             state.collector = collector
+            if metrics is not None:
+                for runner in collector.runners:
+                    runner.observer = metrics.sink_observer(runner.name)
             state.health_checks["mqtt"] = collector.health
             state.health_checks["spool"] = collector.spool_health
+        if metrics is not None:
+            metrics.attach(state)
+            if settings.metrics_port:
+                port = MetricsPort(metrics, settings.metrics_host, settings.metrics_port)
+                await port.start()
+                stack.push_async_callback(port.stop)
         # Registered after the clients, so it runs first on the way out: tasks stop first.
         stack.push_async_callback(supervisor.stop)
         _start_tasks(state, extra_tasks or {})
@@ -231,6 +256,8 @@ def _start_tasks(state: AppState, extra_tasks: Mapping[str, BackgroundTask]) -> 
         simulator_url = settings.simulator_mqtt_url or broker.url
         supervisor.start("simulator", partial(_simulate, state, simulator_url))
     supervisor.start("housekeeping", partial(run_housekeeping, state))
+    if state.metrics is not None:
+        supervisor.start("metrics-registry", state.metrics.run)
     if state.notifier is not None:
         supervisor.start("notifier", state.notifier.run)
     if settings.auth == "on":
@@ -264,14 +291,21 @@ def create_app(
     settings: Settings | None = None,
     *,
     extra_tasks: Mapping[str, BackgroundTask] | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> FastAPI:
     """Build the app; settings default to the environment (`IOTMETER_*`)."""
     settings = settings if settings is not None else load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        settings.log_repeat_window_s,
+        secrets_of(settings),
+    )
+    metrics = Metrics() if settings.metrics_enabled else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with open_state(settings, extra_tasks) as state:
+        async with open_state(settings, extra_tasks, metrics, span_exporter) as state:
             yield {"iotmeter": state}
 
     # The documentation pages with Swagger UI and ReDoc served by the app (no CDN: /docs works
@@ -292,7 +326,13 @@ def create_app(
     if settings.http_allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.http_allowed_hosts)
     app.add_middleware(RequestGuard, max_body_bytes=settings.http_max_body_bytes)
-    app.add_middleware(AuditLog)  # outermost: it also sees what the guard refuses
+    app.add_middleware(AuditLog)  # outside the guard: it also sees what the guard refuses
+    if metrics is not None:
+        app.add_middleware(HttpMetrics, metrics=metrics)
+    if settings.otlp_endpoint:
+        app.add_middleware(TracingMiddleware)  # outside audit and metrics: spans cover them
+    # Added last, so outermost: every answer gets the id, also what inner middleware refuses.
+    app.add_middleware(RequestId)
     HttpProtocol.header_timeout_s = settings.http_header_timeout_s
     install_error_handlers(app)
     # Each router straight on the app: FastAPI walks nested routers on every request.
@@ -316,6 +356,8 @@ def create_app(
             responses=API_ERRORS,
         )
     app.include_router(health.router)
+    if metrics is not None:
+        app.include_router(operations.router, dependencies=[Depends(authorize)])
     install_truthful_openapi(app)
     return app
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from iotmeter.devicelink.dynsec import BrokerAccounts
     from iotmeter.devicelink.registry import RevocationList
     from iotmeter.ingest.collector import Collector
+    from iotmeter.observability.metrics import Metrics
 
 HealthCheck = Callable[[], Awaitable[str | None]]
 """Returns a short detail when the backend is up; raises `BackendUnavailable` when not."""
@@ -59,6 +60,8 @@ class AppState:
     revocations: RevocationList | None = None
     credential_listeners: list[Callable[[], None]] = field(default_factory=list)
     """Told when device credentials changed (committed)."""
+    metrics: Metrics | None = None
+    """Prometheus metrics (`IOTMETER_METRICS_ENABLED`)."""
     key_cache: KeyCache = field(default_factory=KeyCache)
     """Verified API keys (PostgreSQL: while listening for revocations) and their last use."""
     rate_limits: RateLimits = field(init=False)

@@ -32,6 +32,7 @@ import random
 import socket
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -51,6 +52,7 @@ from iotmeter.db.base import utcnow
 from iotmeter.db.engine import Database
 from iotmeter.db.models import DeliveryAttempt, Notification, NotificationChannel
 from iotmeter.ingest.broker import BrokerAddress
+from iotmeter.observability.tracing import delivery_span
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +236,8 @@ class Notifier:
         self._tasks: set[asyncio.Task[None]] = set()
         self.delivered = 0
         self.failed_attempts = 0
+        self.attempts: Counter[tuple[str, str]] = Counter()
+        """Delivery attempts since start by (channel kind, `delivered` or `failed`)."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -302,12 +306,14 @@ class Notifier:
     async def _deliver(self, http: aiohttp.ClientSession, row: dict[str, Any]) -> None:
         try:
             async with self._slots:
-                if row["kind"] == "mqtt":
-                    outcome = await self._publish(row)
-                elif row["kind"] == "email":
-                    outcome = await self._mail(row)
-                else:
-                    outcome = await self._post(http, row)
+                with delivery_span(row["kind"], row["id"], row["event_id"]) as trace:
+                    if row["kind"] == "mqtt":
+                        outcome = await self._publish(row)
+                    elif row["kind"] == "email":
+                        outcome = await self._mail(row)
+                    else:
+                        outcome = await self._post(http, row)
+                    trace.outcome(outcome.delivered, outcome.status_code, outcome.error)
             await self._record(row, outcome)
         except asyncio.CancelledError:
             raise
@@ -414,6 +420,7 @@ class Notifier:
         now = utcnow()
         attempts = int(row["attempts"]) + 1
         values: dict[str, Any] = {"attempts": attempts}
+        self.attempts[str(row["kind"]), "delivered" if outcome.delivered else "failed"] += 1
         if outcome.delivered:
             values.update(status="delivered", delivered_at=now, last_error=None)
             self.delivered += 1

@@ -49,7 +49,7 @@ class AuditLog:
 API_PREFIX = "/api/v1"
 
 
-def _route_template(scope: Scope) -> str:
+def route_template(scope: Scope) -> str:
     """The matched route's template (`/api/v1/devices/{device_id}`), or the path itself."""
     template = getattr(scope.get("route"), "path", None)
     if not isinstance(template, str):
@@ -78,7 +78,7 @@ async def _record(scope: Scope, status: int) -> None:
     if state is None:
         return
     principal: Principal | None = scope.get(PRINCIPAL_SCOPE_KEY)
-    route = _route_template(scope)
+    route = route_template(scope)
     client = scope.get("client")
     try:
         async with state.database.transaction() as session:

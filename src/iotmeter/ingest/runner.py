@@ -19,12 +19,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from iotmeter.errors import BackendUnavailable, StoreRejected
 from iotmeter.ingest.batch import Batch, BatchDecoder
 from iotmeter.ingest.sinks import Sink
 from iotmeter.ingest.spool import Spool
+from iotmeter.observability.tracing import sink_batch_span
 from iotmeter.readings import ReadingSet, Rejection, RejectReason
 from iotmeter.retry import Backoff, describe
 
@@ -39,6 +40,12 @@ T = TypeVar("T")
 
 Park = Callable[[str, list[Rejection]], Awaitable[None]]
 """Keeps records in the dead letters: (sink name, dead letters); raises if it cannot."""
+
+
+class BatchObserver(Protocol):
+    """Told of each batch a sink wrote (the metrics' histograms)."""
+
+    def written(self, records: int, seconds: float) -> None: ...
 
 
 class _Systemic(Exception):
@@ -63,6 +70,7 @@ class SinkRunner:
         batch_delay_s: float,
         progress: asyncio.Event,
         max_tries: int = MAX_TRIES,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.sink = sink
         self.name = sink.name
@@ -75,11 +83,14 @@ class SinkRunner:
         self.max_tries = max_tries
         self.taken = spool.confirmed[self.name]
         """The last seq the sink has taken (a buffering sink confirms it later)."""
-        self.backoff = Backoff(f"{self.name} sink", log=logger)
+        self.backoff = Backoff(f"{self.name} sink", log=logger, context={"sink": self.name})
         self.catching_up = False
         """Set by a failure; cleared once the sink is back within the spool's memory window.
         The intake does not wait for a sink that is catching up: the spool holds its backlog."""
         self.parked = 0
+        self.readings_written = 0
+        """Reading sets the sink took since start (a buffering sink's may not be durable yet)."""
+        self.observer = observer
         self.last_progress = time.monotonic()
 
     # --- observing ----------------------------------------------------------------------------
@@ -143,7 +154,15 @@ class SinkRunner:
             except Exception as exc:
                 tries += 1
                 if tries == 1:
-                    logger.exception("%s sink failed on a batch; trying again", self.name)
+                    logger.exception(
+                        "%s sink failed on a batch; trying again",
+                        self.name,
+                        extra={
+                            "sink": self.name,
+                            "spool_seq": batch.first_seq,
+                            "spool_last_seq": batch.last_seq,
+                        },
+                    )
                 self._failed(exc)
                 if tries < self.max_tries:
                     await self.backoff.wait(exc)
@@ -171,7 +190,15 @@ class SinkRunner:
         (A sink that buffers never raises StoreRejected: what it refuses is not yet written.)"""
         while True:
             try:
-                return await self.sink.store(batch)
+                started = time.perf_counter()
+                with sink_batch_span(
+                    self.name, len(batch.messages), batch.first_seq, batch.last_seq
+                ):
+                    durable = await self.sink.store(batch)
+                if self.observer is not None:
+                    self.observer.written(len(batch.messages), time.perf_counter() - started)
+                self.readings_written += sum(len(message.readings) for message in batch.messages)
+                return durable
             except BackendUnavailable as exc:
                 self._failed(exc)
                 await self.backoff.wait(exc)
@@ -229,7 +256,13 @@ class SinkRunner:
         dead = [_dead_letter(item, RejectReason.SINK_FAILED, detail) for item in items]
         if not dead:
             return False, None
-        logger.error("%s sink: parked a record of %s: %s", self.name, dead[0].topic, detail)
+        logger.error(
+            "%s sink: parked a record of %s: %s",
+            self.name,
+            dead[0].topic,
+            detail,
+            extra={"sink": self.name, "device_id": dead[0].device_id, "spool_seq": part.first_seq},
+        )
         await self._retrying(lambda: self.park(self.name, dead))
         self.parked += len(dead)
         return False, None

@@ -28,6 +28,11 @@ class IngestStats:
     stored_by_sink: dict[str, Counter[str]] = field(
         default_factory=lambda: {sink: Counter() for sink in STORE_SINKS}
     )
+    stored_total: Counter[str] = field(default_factory=Counter)
+    """Reading sets each store sink made durable (the sum of `stored_by_sink`, kept apart so a
+    scrape does not add up a counter per device)."""
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    """Dead letters written by source: `ingest` (refused on the way in) or a sink's name."""
     last_message_us: int | None = None
     """When the last message arrived (epoch microseconds; a datetime per message cost 1 µs)."""
     # Reading sets stored per whole second (monotonic clock), for the ingest rate.
@@ -53,6 +58,7 @@ class IngestStats:
     def count_stored(self, sink: str, by_device: Counter[str]) -> None:
         before = self.readings_stored
         self.stored_by_sink[sink].update(by_device)
+        self.stored_total[sink] += by_device.total()
         newly = self.readings_stored - before
         if newly <= 0:
             return

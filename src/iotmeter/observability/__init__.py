@@ -1,0 +1,2 @@
+"""What operators watch: Prometheus metrics (`metrics`) and OpenTelemetry traces (`tracing`).
+Logs live in `iotmeter.logging`."""

@@ -1,0 +1,222 @@
+"""OpenTelemetry traces (optional; off unless `IOTMETER_OTLP_ENDPOINT` is set).
+
+Spans: one per HTTP request (`TracingMiddleware`), one per batch a sink writes
+(`sink_batch_span`), one per alert delivery (`delivery_span`); exported over OTLP/HTTP.
+
+The base install has no OpenTelemetry: it is imported only once tracing is turned on
+(`start_tracing`), so each on-path below imports what it needs inside the function. Off, the
+span functions return a shared no-op context manager: the ingest hot path pays one global
+lookup and one branch, and allocates nothing.
+
+The spans go to a `TracerProvider` of our own; the process-wide (global) provider is never set,
+so two apps in one process (tests) do not share or leak theirs. Incoming W3C `traceparent`
+headers are honoured through the global propagator of opentelemetry-api (`OTEL_PROPAGATORS`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from iotmeter import __version__
+from iotmeter.config import Settings, env_name
+from iotmeter.errors import SettingsInvalid
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Span, Tracer
+
+SERVICE_NAME = "iotmeter"
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"))
+"""Methods named as they are; any other is `_OTHER` (span name `HTTP`), as the conventions say:
+a client must not be able to make up span names."""
+
+_OFF: AbstractContextManager[None] = contextlib.nullcontext()
+_tracer: Tracer | None = None
+"""The tracer of the running `Tracing`; None while tracing is off."""
+
+
+class Tracing:
+    """Tracing turned on (by `start_tracing`); `shutdown` exports what is left and turns it off."""
+
+    def __init__(self, provider: TracerProvider, tracer: Tracer) -> None:
+        self.provider = provider
+        self.tracer = tracer
+
+    def shutdown(self) -> None:
+        """Turn the module back off, then flush and stop the exporter (blocks for up to the
+        exporter's timeout: call it off the event loop)."""
+        global _tracer
+        if _tracer is self.tracer:
+            _tracer = None
+        self.provider.force_flush()
+        self.provider.shutdown()
+
+
+def start_tracing(settings: Settings, exporter: SpanExporter | None = None) -> Tracing | None:
+    """Turn tracing on when `otlp_endpoint` is set (None: it stays off). Spans go to `exporter`
+    one by one when given (tests: an in-memory exporter), else in batches to the endpoint."""
+    global _tracer
+    endpoint = settings.otlp_endpoint
+    if not endpoint:
+        return None
+    if _tracer is not None:
+        raise RuntimeError("tracing is already on in this process; shut that one down first")
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        raise SettingsInvalid(
+            f"{env_name('otlp_endpoint')} is set, but OpenTelemetry is not installed "
+            f"(no module {exc.name!r}): install the tracing extra with "
+            "`pip install 'iotmeter[tracing]'`, or unset the variable"
+        ) from exc
+    resource = Resource.create({"service.name": SERVICE_NAME, "service.version": __version__})
+    # Shut down by `Tracing.shutdown` (the app's lifespan), not at interpreter exit.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    else:
+        otlp = OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces")
+        provider.add_span_processor(BatchSpanProcessor(otlp))
+    tracer = provider.get_tracer("iotmeter", __version__)
+    _tracer = tracer
+    return Tracing(provider, tracer)
+
+
+def sink_batch_span(
+    sink: str, records: int, first_seq: int, last_seq: int
+) -> AbstractContextManager[object]:
+    """A span around one batch write of a sink (attributes: sink, records, spool positions);
+    an exception out of the write is recorded on it and marks it as an error."""
+    tracer = _tracer
+    if tracer is None:
+        return _OFF
+    return tracer.start_as_current_span(
+        f"sink.write {sink}",
+        attributes={
+            "iotmeter.sink": sink,
+            "iotmeter.batch.records": records,
+            "iotmeter.spool.first_seq": first_seq,
+            "iotmeter.spool.last_seq": last_seq,
+        },
+    )
+
+
+class DeliveryTrace:
+    """What the span of an alert delivery is told of its outcome (nothing, with tracing off)."""
+
+    __slots__ = ("_span",)
+
+    def __init__(self, span: Span | None) -> None:
+        self._span = span
+
+    def outcome(self, delivered: bool, status_code: int | None, error: str | None) -> None:
+        span = self._span
+        if span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("iotmeter.delivery.outcome", "delivered" if delivered else "failed")
+        if status_code is not None:
+            span.set_attribute("http.response.status_code", status_code)
+        if not delivered:
+            span.set_status(Status(StatusCode.ERROR, error))
+
+
+_OFF_DELIVERY: AbstractContextManager[DeliveryTrace] = contextlib.nullcontext(DeliveryTrace(None))
+
+
+def delivery_span(
+    channel_kind: str, notification_id: int, event_id: str
+) -> AbstractContextManager[DeliveryTrace]:
+    """A span around one delivery attempt of a notification; tell it the outcome."""
+    tracer = _tracer
+    if tracer is None:
+        return _OFF_DELIVERY
+    return _delivery(tracer, channel_kind, notification_id, event_id)
+
+
+@contextlib.contextmanager
+def _delivery(
+    tracer: Tracer, channel_kind: str, notification_id: int, event_id: str
+) -> Iterator[DeliveryTrace]:
+    from opentelemetry.trace import SpanKind
+
+    with tracer.start_as_current_span(
+        f"alert.deliver {channel_kind}",
+        kind=SpanKind.CLIENT,
+        attributes={
+            "iotmeter.channel.kind": channel_kind,
+            "iotmeter.notification.id": notification_id,
+            "iotmeter.event.id": event_id,
+        },
+    ) as span:
+        yield DeliveryTrace(span)
+
+
+class TracingMiddleware:
+    """A span per HTTP request, named `<METHOD> <route template>` (`GET
+    /api/v1/devices/{device_id}`: never the raw path, whose ids would make every name unique),
+    continuing the trace of an incoming `traceparent`. Installed only when tracing is on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        # Imported here, not at the top: the ingest runner imports this module, and the
+        # ingest layer must not pull in the API's.
+        from iotmeter.api.audit import route_template
+
+        self.app = app
+        self.route_template: Callable[[Scope], str] = route_template
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tracer = _tracer
+        if tracer is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self._traced(tracer, scope, receive, send)
+
+    async def _traced(self, tracer: Tracer, scope: Scope, receive: Receive, send: Send) -> None:
+        from opentelemetry import propagate
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        method: str = scope["method"] if scope["method"] in HTTP_METHODS else "_OTHER"
+        name = method if method != "_OTHER" else "HTTP"
+        status: int | None = None
+        with tracer.start_as_current_span(
+            name,
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": scope["path"]},
+        ) as span:
+
+            async def watching_send(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, receive, watching_send)
+            finally:
+                # Known only now: the router put the matched route in the scope. Without one
+                # (no route matched) the name stays the bare method, as the conventions say.
+                if scope.get("route") is not None:
+                    route = self.route_template(scope)
+                    span.update_name(f"{name} {route}")
+                    span.set_attribute("http.route", route)
+                # An exception escaping with no response started becomes a 500 further out.
+                answered = status if status is not None else 500
+                span.set_attribute("http.response.status_code", answered)
+                if answered >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
