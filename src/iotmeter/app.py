@@ -357,7 +357,9 @@ def create_app(
         )
     app.include_router(health.router)
     if metrics is not None:
-        app.include_router(operations.router, dependencies=[Depends(authorize)])
+        app.include_router(
+            operations.router, dependencies=[Depends(authorize)], responses=API_ERRORS
+        )
     install_truthful_openapi(app)
     return app
 

@@ -229,11 +229,11 @@ async def test_a_broker_outage_shows_in_the_mqtt_metrics(
 
 
 async def test_device_types_chosen_by_devices_cannot_flood_the_scrape(
-    pg_url: str, tmp_path: Path, mosquitto: Mosquitto
+    empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     """Each device names its own type: past 50 types the smaller ones are counted as `other`."""
     settings = make_settings(
-        pg_url,
+        empty_pg_url,
         tmp_path,
         mqtt_url=mosquitto.url,
         mqtt_client_id="iotmeter-metrics-types",
