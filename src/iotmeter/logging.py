@@ -250,6 +250,15 @@ def _console_value(value: Any) -> str:
     return text
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape_controls(text: str) -> str:
+    """Control characters written as Python escapes (a line break as backslash-n): what a
+    device chose (a topic, a payload's text) cannot start a forged line of its own."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class ConsoleFormatter(logging.Formatter):
     """`2025-01-31T12:00:00.123Z WARNING iotmeter.x: message key=value`, then the traceback."""
 
@@ -267,7 +276,8 @@ class ConsoleFormatter(logging.Formatter):
             line += f" ({repeated} similar suppressed in the last {seconds:.0f} s)"
         if context:
             line += " " + " ".join(f"{k}={_console_value(v)}" for k, v in context.items())
-        return line
+        # One record, one line: the traceback that `format` appends is the only multi-line part.
+        return _escape_controls(line)
 
     def format(self, record: logging.LogRecord) -> str:
         return self._redact(super().format(record))

@@ -149,6 +149,17 @@ def test_a_console_line_keeps_its_format_with_context_appended(console_logs: Log
     assert traceback[-1] == "OSError: disk gone"
 
 
+def test_a_console_record_is_one_line_whatever_its_text_holds(console_logs: Logs) -> None:
+    """A device's topic with line breaks cannot forge a log line of its own."""
+    hostile = "iot/x\n2026-01-01T00:00:00.000Z ERROR   iotmeter.app: forged\r\x1b[2J/telemetry"
+    console_logs.logger.error("parked a record of %s", hostile, extra={"topic": hostile})
+
+    (line,) = console_logs.lines()
+    assert "\\n2026-01-01T00:00:00.000Z ERROR" in line
+    assert "\\r\\x1b[2J" in line
+    assert not any(ord(char) < 32 for char in line)
+
+
 # --- secrets ----------------------------------------------------------------------------------
 
 CONFIGURED = ("jwt-signing-secret-42", 'pa"ss\\word-7')
