@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from iotmeter.ids import DEVICE_ID_RE
 
+MAX_CONFIG_VERSION = 2**31 - 1
+"""The largest configuration version on either side of the config topics (the registry keeps
+versions in a 32-bit integer column)."""
+
 
 def telemetry_topic(device_id: str) -> str:
     return f"iot/{device_id}/telemetry"

@@ -30,7 +30,12 @@ import aiomqtt
 import orjson
 
 from iotmeter.db.engine import Database
-from iotmeter.devicelink.acl import config_topic, reported_topic, status_topic
+from iotmeter.devicelink.acl import (
+    MAX_CONFIG_VERSION,
+    config_topic,
+    reported_topic,
+    status_topic,
+)
 from iotmeter.ids import DEVICE_ID_RE
 from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.readings import Rejection, RejectReason
@@ -105,8 +110,10 @@ def parse_reported(payload: bytes) -> tuple[int, dict[str, Any]] | str:
         return 'not a JSON object: publish {"version": <n>, "config": {...}}'
     version = value.get("version")
     config = value.get("config")
-    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 2**31:
+    if isinstance(version, bool) or not isinstance(version, int):
         return '"version" must be the whole number of the configuration applied'
+    if not 0 <= version <= MAX_CONFIG_VERSION:
+        return f'"version" must be from 0 to {MAX_CONFIG_VERSION}: the configuration applied'
     if not isinstance(config, dict):
         return '"config" must be a JSON object of the keys applied'
     if len(config) > MAX_CONFIG_KEYS:

@@ -50,8 +50,8 @@ class RegistryCredentialCheck:
         self.database = database
         self._hashes: dict[str, tuple[float, str | None]] = {}
 
-    def forget(self, device_ids: object = None) -> None:
-        """Drop cached hashes (a credential changed)."""
+    def forget(self) -> None:
+        """Drop cached hashes (a credential changed; a `credential_listeners` entry)."""
         self._hashes.clear()
 
     async def device_password_ok(self, device_id: str, password: str) -> bool:

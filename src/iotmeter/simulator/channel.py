@@ -14,12 +14,13 @@ from typing import Any
 
 import orjson
 
+from iotmeter.devicelink.acl import MAX_CONFIG_VERSION
+
 MAX_CONFIG_MESSAGE_BYTES = 256 * 1024
 """Largest configuration message a simulated device takes, as a small device's memory would
 (orjson's own limit of 1,024 nesting levels bounds the depth)."""
 MAX_INTERVAL_S = 7 * 24 * 3600.0
 """Longest publish interval a device accepts: a week."""
-MAX_CONFIG_VERSION = 2**63 - 1
 """Versions are the registry's 64-bit integers."""
 
 
@@ -60,7 +61,7 @@ def parse_config_message(payload: bytes) -> DesiredConfig:
     if isinstance(version, bool) or not isinstance(version, int):
         raise ConfigRefused('"version" is not an integer')
     if not 0 <= version <= MAX_CONFIG_VERSION:
-        raise ConfigRefused('"version" is not from 0 to 2**63-1')
+        raise ConfigRefused(f'"version" is not from 0 to {MAX_CONFIG_VERSION}')
     config = message["config"]
     if not isinstance(config, dict):
         raise ConfigRefused('"config" is not an object')
