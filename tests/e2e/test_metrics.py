@@ -262,3 +262,27 @@ async def test_device_types_chosen_by_devices_cannot_flood_the_scrape(
     assert "other" in types
     assert value(samples, "iotmeter_devices", type="kind000", status="active") == 5
     assert total(samples, "iotmeter_devices", type="other") == 30
+
+
+async def test_made_up_paths_and_methods_add_no_series(sqlite_url: str, tmp_path: Path) -> None:
+    """A client sending 200 random paths and made-up methods adds one `unmatched` series and
+    one `other` method, not one series each."""
+    settings = make_settings(sqlite_url, tmp_path, collector_enabled=False)
+    async with start_app(settings) as api:
+        before = await scrape(api)
+        for number in range(200):
+            await api.get(f"/random/{number}/{'x' * (number % 7)}")
+            await api.request("PROPFIND", f"/api/v1/devices/d{number}")
+        after = await scrape(api)
+    new = {key for key in after if key not in before and key[0].startswith("iotmeter_http")}
+    routes = {dict(labels).get("route") for _name, labels in new}
+    methods = {dict(labels).get("method") for _name, labels in new}
+    assert routes <= {"unmatched", "/api/v1/devices/{device_id}", "/metrics", None}, routes
+    assert methods <= {"GET", "other", None}, methods
+    assert (
+        value(after, "iotmeter_http_requests_total", method="GET", route="unmatched", status="4xx")
+        == 200
+    )
+    assert total(after, "iotmeter_http_requests_total", method="other") == 200
+    # Every new series belongs to one of these few (route, method) pairs: the count is bounded.
+    assert len(new) < 60, len(new)
