@@ -177,6 +177,7 @@ async def open_state(
             state.health_checks["spool"] = collector.spool_health
         if metrics is not None:
             metrics.attach(state)
+            stack.callback(metrics.detach)
             if settings.metrics_port:
                 port = MetricsPort(metrics, settings.metrics_host, settings.metrics_port)
                 await port.start()

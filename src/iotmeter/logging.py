@@ -41,9 +41,9 @@ REPEATED = "repeated"
 """The context field of a record that follows suppressed repeats: how many there were."""
 MAX_REPEAT_KEYS = 1000
 """Distinct warnings the repeat filter remembers (least recently seen forgotten first)."""
-MIN_SECRET_CHARS = 4
-"""Shorter configured secrets are not masked as plain text: masking every `ab` in every line
-would hide more than it protects (in a URL they are still masked)."""
+MIN_SECRET_CHARS = 8
+"""Shorter configured secrets are not masked as plain text: masking every `iotmeter` in every
+line would hide more than it protects (in a URL they are still masked)."""
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 _CONSOLE_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s"
@@ -105,8 +105,10 @@ def secrets_of(settings: BaseModel) -> list[str]:
         if isinstance(value, SecretStr):
             text = value.get_secret_value()
             found += [text, *url_password(text)]
-        elif isinstance(value, str) and "://" in value:
-            found += url_password(value)
+        # The password of a URL kept in plain settings (the database URL) is masked where it
+        # stands in a URL, by the pattern below; as plain text it is often a word that is also a
+        # user, a database or a client id (`iotmeter:iotmeter@`), and masking it everywhere
+        # would garble the log.
     for name in ("auth_bootstrap_file", "device_credential_secret_file"):
         path = getattr(settings, name, None)
         if isinstance(path, Path):
@@ -131,9 +133,19 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Credentials of an `Authorization` header (not "basic setup": case and length tell).
     (re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9\-._~+/]{8,}=*"), r"\1 ***"),
     (
-        re.compile(r"\b(\w*(?:password|passwd|secret|token|api_?key))=[^\s&;,'\"]+", re.I),
+        re.compile(r"\b(\w*(?:password|passwd|secret|token|api_?key)\w*)=[^\s&;,'\"]+", re.I),
         r"\1=***",
     ),
+    # The same as a JSON or Python mapping item: "password": "..." or 'secret_key': '...'.
+    (
+        re.compile(
+            r"""(["']\w*(?:password|passwd|secret|token|api_?key)\w*["']\s*:\s*["'])[^"']*""",
+            re.I,
+        ),
+        r"\1***",
+    ),
+    # Webhook signing secrets (Standard Webhooks).
+    (re.compile(r"\bwhsec_[A-Za-z0-9+/=]{8,}"), "whsec_***"),
 )
 
 
@@ -179,6 +191,9 @@ class Redactor:
         return self(str(value))
 
 
+_DEFAULT_REDACTOR = Redactor()
+
+
 # --- filters ----------------------------------------------------------------------------------
 
 
@@ -197,8 +212,12 @@ class RepeatFilter(logging.Filter):
     """Passes the first warning (or worse) of a kind, drops and counts its repeats for
     `window_s`, and gives the count (`repeated`) to the first one after the window.
 
-    Of a kind: the same logger, level and message template (`record.msg` before its
-    arguments), so `... attempt 3` and `... attempt 4` of one call site are repeats."""
+    Of a kind: the same logger, level, message template (`record.msg` before its arguments),
+    first argument (what the line is about: `timeseries sink`, a task's name) and exception
+    type; so `... attempt 3` and `... attempt 4` of one call site are repeats, while the
+    failures of two sinks, or two tasks' crashes, are not. A sink that fails, recovers and fails
+    again within the window logs its second failure only after it: `iotmeter_sink_failing` and
+    `/ready` say what holds now."""
 
     def __init__(
         self,
@@ -213,13 +232,19 @@ class RepeatFilter(logging.Filter):
         self._max_keys = max_keys
         self._lock = threading.Lock()
         # key -> [when the last one passed, repeats dropped since]
-        self._seen: OrderedDict[tuple[str, int, str], list[float]] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, int, str, str, str], list[float]] = OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or self.window_s <= 0:
             return True
         template = record.msg if isinstance(record.msg, str) else str(record.msg)
-        key = (record.name, record.levelno, template)
+        # What the line is about (the first argument: a sink, a task) and the exception's
+        # type tell different failures of one call site apart.
+        subject = (
+            str(record.args[0])[:200] if isinstance(record.args, tuple) and record.args else ""
+        )
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        key = (record.name, record.levelno, template, subject, error)
         now = self._clock()
         with self._lock:
             seen = self._seen.get(key)
@@ -348,6 +373,13 @@ class LogHandler(logging.Handler):
             raise
         except Exception:
             self.handleError(record)
+
+
+def redact(text: str) -> str:
+    """`text` masked as a log line would be (the configured secrets once logging is set up; the
+    shapes of secrets always): for what leaves the process by another way, such as a trace."""
+    handler = next((h for h in logging.getLogger().handlers if isinstance(h, LogHandler)), None)
+    return (handler.redactor if handler is not None else _DEFAULT_REDACTOR)(text)
 
 
 def configure_logging(

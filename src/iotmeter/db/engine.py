@@ -54,11 +54,17 @@ def build_engine(url: str, *, pool_size: int = 30, pool_timeout_s: float = 10.0)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url)
+        engine = create_async_engine(url, hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
         return engine
+    # hide_parameters: a failed statement's error (logged) would list its bound values, a
+    # webhook's signing secret or a credential hash among them.
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=pool_timeout_s,
+        hide_parameters=True,
     )
 
 

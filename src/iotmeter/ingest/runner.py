@@ -189,16 +189,12 @@ class SinkRunner:
         """One try at the whole batch; an outage is waited out here, for as long as it takes.
         (A sink that buffers never raises StoreRejected: what it refuses is not yet written.)"""
         while True:
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
                 with sink_batch_span(
                     self.name, len(batch.messages), batch.first_seq, batch.last_seq
                 ):
                     durable = await self.sink.store(batch)
-                if self.observer is not None:
-                    self.observer.written(len(batch.messages), time.perf_counter() - started)
-                self.readings_written += sum(len(message.readings) for message in batch.messages)
-                return durable
             except BackendUnavailable as exc:
                 self._failed(exc)
                 await self.backoff.wait(exc)
@@ -206,6 +202,12 @@ class SinkRunner:
                 await self._park_readings(exc.rejected, RejectReason.REFUSED_BY_STORE)
                 await self._park_readings(exc.over_limit, RejectReason.SERIES_LIMIT)
                 return None
+            else:
+                # Outside the try: bookkeeping can never pass for a failure of the store.
+                if self.observer is not None:
+                    self.observer.written(len(batch.messages), time.perf_counter() - started)
+                self.readings_written += len(batch.readings)
+                return durable
 
     async def _isolate(self, batch: Batch) -> int | None:
         """Store the batch's parts apart; a part that fails alone is parked.

@@ -35,6 +35,8 @@ HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 """Methods named as they are; any other is `_OTHER` (span name `HTTP`), as the conventions say:
 a client must not be able to make up span names."""
 
+FLUSH_TIMEOUT_MS = 2000
+EXPORT_TIMEOUT_S = 5
 _OFF: AbstractContextManager[None] = contextlib.nullcontext()
 _tracer: Tracer | None = None
 """The tracer of the running `Tracing`; None while tracing is off."""
@@ -53,7 +55,9 @@ class Tracing:
         global _tracer
         if _tracer is self.tracer:
             _tracer = None
-        self.provider.force_flush()
+        # Bounded: a collector that takes the connection and never answers must not hold the
+        # process's exit for the SDK's 30 s.
+        self.provider.force_flush(timeout_millis=FLUSH_TIMEOUT_MS)
         self.provider.shutdown()
 
 
@@ -85,7 +89,9 @@ def start_tracing(settings: Settings, exporter: SpanExporter | None = None) -> T
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
-        otlp = OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces")
+        otlp = OTLPSpanExporter(
+            endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=EXPORT_TIMEOUT_S
+        )
         provider.add_span_processor(BatchSpanProcessor(otlp))
     tracer = provider.get_tracer("iotmeter", __version__)
     _tracer = tracer
@@ -100,15 +106,41 @@ def sink_batch_span(
     tracer = _tracer
     if tracer is None:
         return _OFF
-    return tracer.start_as_current_span(
+    return _sink_span(
+        tracer,
         f"sink.write {sink}",
-        attributes={
+        {
             "iotmeter.sink": sink,
             "iotmeter.batch.records": records,
             "iotmeter.spool.first_seq": first_seq,
             "iotmeter.spool.last_seq": last_seq,
         },
     )
+
+
+@contextlib.contextmanager
+def _sink_span(tracer: Tracer, name: str, attributes: dict[str, str | int]) -> Iterator[Span]:
+    """The SDK would record the exception's message and stack as they are: a store's error may
+    hold a URL with its password. The exception is recorded here, masked as the log masks it."""
+    with tracer.start_as_current_span(
+        name, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except Exception as exc:
+            _record_error(span, exc)
+            raise
+
+
+def _record_error(span: Span, exc: BaseException) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    from iotmeter.logging import redact
+
+    message = redact(str(exc))
+    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    span.add_event("exception", {"exception.type": kind, "exception.message": message})
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {message}"))
 
 
 class DeliveryTrace:
@@ -129,7 +161,9 @@ class DeliveryTrace:
         if status_code is not None:
             span.set_attribute("http.response.status_code", status_code)
         if not delivered:
-            span.set_status(Status(StatusCode.ERROR, error))
+            from iotmeter.logging import redact
+
+            span.set_status(Status(StatusCode.ERROR, redact(error) if error else None))
 
 
 _OFF_DELIVERY: AbstractContextManager[DeliveryTrace] = contextlib.nullcontext(DeliveryTrace(None))
@@ -154,6 +188,7 @@ def _delivery(
     with tracer.start_as_current_span(
         f"alert.deliver {channel_kind}",
         kind=SpanKind.CLIENT,
+        record_exception=False,
         attributes={
             "iotmeter.channel.kind": channel_kind,
             "iotmeter.notification.id": notification_id,
@@ -198,6 +233,7 @@ class TracingMiddleware:
             context=propagate.extract(carrier),
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": scope["path"]},
+            record_exception=False,
         ) as span:
 
             async def watching_send(message: Message) -> None:
@@ -206,8 +242,13 @@ class TracingMiddleware:
                     status = message["status"]
                 await send(message)
 
+            raised = False
             try:
                 await self.app(scope, receive, watching_send)
+            except Exception as exc:
+                raised = True
+                _record_error(span, exc)
+                raise
             finally:
                 # Known only now: the router put the matched route in the scope. Without one
                 # (no route matched) the name stays the bare method, as the conventions say.
@@ -218,5 +259,5 @@ class TracingMiddleware:
                 # An exception escaping with no response started becomes a 500 further out.
                 answered = status if status is not None else 500
                 span.set_attribute("http.response.status_code", answered)
-                if answered >= 500:
+                if answered >= 500 and not raised:
                     span.set_status(Status(StatusCode.ERROR))
