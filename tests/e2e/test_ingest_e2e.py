@@ -9,29 +9,14 @@ from pathlib import Path
 
 import httpx
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
 
 from iotmeter.config import Settings
 from tests.conftest import make_settings
 from tests.e2e.conftest import start_app
+from tests.fixtures.devices import publish
 from tests.fixtures.services import Mosquitto
 from tests.fixtures.waiting import eventually
-
-
-def publish(broker_port: int, messages: list[tuple[str, bytes]]) -> None:
-    """Publish like a device would (paho, QoS 1), waiting for every PUBACK."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-device")
-    client.connect("127.0.0.1", broker_port)
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(10)
-            assert info.is_published()
-    finally:
-        client.loop_stop()
-        client.disconnect()
 
 
 @pytest.fixture

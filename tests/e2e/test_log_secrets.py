@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
 
 from tests.fixtures.delivery import AppProcess, app_environment
+from tests.fixtures.devices import publish
 from tests.fixtures.services import (
     Mosquitto,
     SeaweedFS,
@@ -99,29 +99,18 @@ def s3(secrets: Secrets) -> Iterator[SeaweedFS]:
         yield server
 
 
-def publish(broker: Mosquitto, password: str, device: str, count: int) -> None:
+def publish_readings(broker: Mosquitto, password: str, device: str, count: int) -> None:
     """QoS 1, with the collector's account (the broker lets nobody else in), every PUBACK."""
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=f"log-test-{uuid.uuid4().hex[:8]}"
-    )
-    client.username_pw_set(MQTT_USER, password)
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
-    try:
-        infos = [
-            client.publish(
-                f"iot/{device}/telemetry",
-                orjson.dumps({"seq": i, "metrics": {"t": 20.0 + i}}),
-                qos=1,
-            )
+    publish(
+        broker.port,
+        [
+            (f"iot/{device}/telemetry", orjson.dumps({"seq": i, "metrics": {"t": 20.0 + i}}))
             for i in range(count)
-        ]
-        for info in infos:
-            info.wait_for_publish(10)
-            assert info.is_published()
-    finally:
-        client.loop_stop()
-        client.disconnect()
+        ],
+        client_id=f"log-test-{uuid.uuid4().hex[:8]}",
+        username=MQTT_USER,
+        password=password,
+    )
 
 
 def with_password(url: str, password: str) -> str:
@@ -169,7 +158,7 @@ async def test_a_json_run_logs_no_secret(
     try:
         await app.start(wait="ready")
         admin_key = app.headers["Authorization"].removeprefix("Bearer ")
-        publish(broker, secrets.mqtt, "log-dev-1", 5)
+        publish_readings(broker, secrets.mqtt, "log-dev-1", 5)
         await eventually(
             lambda: stats(app),
             lambda body: body.get("messages", {}).get("stored") == 5,
@@ -224,7 +213,7 @@ async def test_a_json_run_logs_no_secret(
 
         # The archive sink fails while S3 is down, and recovers when it is back.
         await asyncio.to_thread(s3.stop)
-        publish(broker, secrets.mqtt, "log-dev-1", 3)
+        publish_readings(broker, secrets.mqtt, "log-dev-1", 3)
         await eventually(
             lambda: stats(app),
             lambda body: "archive" in body.get("spool", {}).get("failing_sinks", {}),

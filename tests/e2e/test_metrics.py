@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from iotmeter.config import Settings
 from iotmeter.ingest.stats import STORE_SINKS
 from tests.conftest import make_settings
 from tests.e2e.conftest import start_app
@@ -39,6 +41,21 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
+def collector_settings(
+    database_url: str, tmp_path: Path, mosquitto: Mosquitto, client_id: str, **overrides: Any
+) -> Settings:
+    """An app that collects from the test's Mosquitto, batches written at once."""
+    values: dict[str, Any] = {"batch_max_delay_s": 0.05, **overrides}
+    return make_settings(
+        database_url,
+        tmp_path,
+        mqtt_url=mosquitto.url,
+        mqtt_client_id=client_id,
+        collector_enabled=True,
+        **values,
+    )
+
+
 async def scrape(api: httpx.AsyncClient) -> Samples:
     response = await api.get("/metrics")
     assert response.status_code == 200, response.text
@@ -49,14 +66,7 @@ async def scrape(api: httpx.AsyncClient) -> Samples:
 async def test_metrics_move_with_an_ingest_run(
     database_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    settings = make_settings(
-        database_url,
-        tmp_path,
-        mqtt_url=mosquitto.url,
-        mqtt_client_id="iotmeter-metrics",
-        collector_enabled=True,
-        batch_max_delay_s=0.05,
-    )
+    settings = collector_settings(database_url, tmp_path, mosquitto, "iotmeter-metrics")
     now_ms = int(time.time() * 1000)
     good = [
         (f"iot/meter-{i % 3}/telemetry", orjson.dumps({"ts": now_ms + i, "t": float(i)}))
@@ -195,13 +205,8 @@ async def test_a_broker_outage_shows_in_the_mqtt_metrics(
     pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     """Broker stopped: connected 0, the lost connection counted; back: connected 1."""
-    settings = make_settings(
-        pg_url,
-        tmp_path,
-        mqtt_url=mosquitto.url,
-        mqtt_client_id="iotmeter-metrics-outage",
-        collector_enabled=True,
-        config_push_enabled=False,
+    settings = collector_settings(
+        pg_url, tmp_path, mosquitto, "iotmeter-metrics-outage", config_push_enabled=False
     )
     async with start_app(settings) as api:
         assert value(await scrape(api), "iotmeter_mqtt_reconnects_total") == 0
@@ -232,14 +237,7 @@ async def test_device_types_chosen_by_devices_cannot_flood_the_scrape(
     empty_pg_url: str, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     """Each device names its own type: past 50 types the smaller ones are counted as `other`."""
-    settings = make_settings(
-        empty_pg_url,
-        tmp_path,
-        mqtt_url=mosquitto.url,
-        mqtt_client_id="iotmeter-metrics-types",
-        collector_enabled=True,
-        batch_max_delay_s=0.05,
-    )
+    settings = collector_settings(empty_pg_url, tmp_path, mosquitto, "iotmeter-metrics-types")
     messages = [
         (f"iot/typed-{i}/telemetry", orjson.dumps({"type": f"kind{i:03d}", "t": 1.0}))
         for i in range(80)

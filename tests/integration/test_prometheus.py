@@ -18,10 +18,10 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
 
 from tests.fixtures.delivery import AppProcess, app_environment
+from tests.fixtures.devices import publish
 from tests.fixtures.observability import (
     ALERT_RULES,
     DEVICE_DASHBOARD,
@@ -96,21 +96,6 @@ def telemetry(start_s: int) -> list[tuple[str, bytes]]:
         )
         for i in range(MESSAGES)
     ]
-
-
-def publish(broker_port: int, messages: list[tuple[str, bytes]]) -> None:
-    """Publish like a device (paho, QoS 1), waiting for every PUBACK."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-meter")
-    client.connect("127.0.0.1", broker_port)
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(10)
-            assert info.is_published()
-    finally:
-        client.loop_stop()
-        client.disconnect()
 
 
 async def publish_and_wait_until_received(running: Running, start_s: int) -> None:

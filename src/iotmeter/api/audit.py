@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from iotmeter.api.asgi import ResponseStatus, route_template
 from iotmeter.api.auth import PRINCIPAL_SCOPE_KEY, SAFE_METHODS, Principal
 from iotmeter.repositories.api_keys import AuditRepository
 from iotmeter.state import AppState
@@ -32,32 +33,11 @@ class AuditLog:
         ):
             await self.app(scope, receive, send)
             return
-        status = 500
-
-        async def watching_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = ResponseStatus(send)
         try:
-            await self.app(scope, receive, watching_send)
+            await self.app(scope, receive, status)
         finally:
-            await _record(scope, status)
-
-
-API_PREFIX = "/api/v1"
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's template (`/api/v1/devices/{device_id}`), or the path itself."""
-    template = getattr(scope.get("route"), "path", None)
-    if not isinstance(template, str):
-        return str(scope["path"])
-    # A route of an included router knows its path below the prefix it was included with.
-    if scope["path"].startswith(API_PREFIX + "/") and not template.startswith(API_PREFIX + "/"):
-        template = API_PREFIX + template
-    return template
+            await _record(scope, status.code or 500)
 
 
 def _target(scope: Scope) -> str | None:
@@ -78,7 +58,7 @@ async def _record(scope: Scope, status: int) -> None:
     if state is None:
         return
     principal: Principal | None = scope.get(PRINCIPAL_SCOPE_KEY)
-    route = route_template(scope)
+    route = route_template(scope) or str(scope["path"])
     client = scope.get("client")
     try:
         async with state.database.transaction() as session:

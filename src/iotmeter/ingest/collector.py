@@ -186,7 +186,6 @@ class Collector:
             if is_unavailable(exc):
                 raise unavailable(exc) from exc
             raise
-        self.stats.dead_letters[sink] += len(dead)
         for rejection in dead:
             self.stats.count_rejection(rejection.reason.value, rejection.device_id)
 

@@ -29,10 +29,11 @@ class IngestStats:
         default_factory=lambda: {sink: Counter() for sink in STORE_SINKS}
     )
     stored_total: Counter[str] = field(default_factory=Counter)
-    """Reading sets each store sink made durable (the sum of `stored_by_sink`, kept apart so a
-    scrape does not add up a counter per device)."""
-    dead_letters: Counter[str] = field(default_factory=Counter)
-    """Dead letters written by source: `ingest` (refused on the way in) or a sink's name."""
+    """Reading sets each store sink made durable: the sum of `stored_by_sink`, kept as it grows
+    so that neither a stored batch nor a scrape adds up a counter per device."""
+    dead_letters_ingest: int = 0
+    """Dead letters written for what was refused on the way in (a sink's own: its runner's
+    `parked`)."""
     last_message_us: int | None = None
     """When the last message arrived (epoch microseconds; a datetime per message cost 1 µs)."""
     # Reading sets stored per whole second (monotonic clock), for the ingest rate.
@@ -73,7 +74,7 @@ class IngestStats:
     @property
     def readings_stored(self) -> int:
         """Reading sets in both stores (the slower store's count)."""
-        return min(counter.total() for counter in self.stored_by_sink.values())
+        return min(self.stored_total[sink] for sink in STORE_SINKS)
 
     def stored_by_device(self, device_id: str) -> int:
         return min(counter[device_id] for counter in self.stored_by_sink.values())

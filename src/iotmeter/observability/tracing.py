@@ -15,13 +15,14 @@ headers are honoured through the global propagator of opentelemetry-api (`OTEL_P
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from iotmeter import __version__
+from iotmeter.api.asgi import KNOWN_METHODS, ResponseStatus, route_template
 from iotmeter.config import Settings, env_name
 from iotmeter.errors import SettingsInvalid
 
@@ -31,9 +32,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
 SERVICE_NAME = "iotmeter"
-HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"))
-"""Methods named as they are; any other is `_OTHER` (span name `HTTP`), as the conventions say:
-a client must not be able to make up span names."""
 
 FLUSH_TIMEOUT_MS = 2000
 EXPORT_TIMEOUT_S = 5
@@ -204,12 +202,7 @@ class TracingMiddleware:
     continuing the trace of an incoming `traceparent`. Installed only when tracing is on."""
 
     def __init__(self, app: ASGIApp) -> None:
-        # Imported here, not at the top: the ingest runner imports this module, and the
-        # ingest layer must not pull in the API's.
-        from iotmeter.api.audit import route_template
-
         self.app = app
-        self.route_template: Callable[[Scope], str] = route_template
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         tracer = _tracer
@@ -225,9 +218,10 @@ class TracingMiddleware:
         carrier = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
-        method: str = scope["method"] if scope["method"] in HTTP_METHODS else "_OTHER"
+        # Any other method is `_OTHER` (span name `HTTP`), as the conventions say.
+        method: str = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
         name = method if method != "_OTHER" else "HTTP"
-        status: int | None = None
+        status = ResponseStatus(send)
         with tracer.start_as_current_span(
             name,
             context=propagate.extract(carrier),
@@ -235,16 +229,9 @@ class TracingMiddleware:
             attributes={"http.request.method": method, "url.path": scope["path"]},
             record_exception=False,
         ) as span:
-
-            async def watching_send(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
             raised = False
             try:
-                await self.app(scope, receive, watching_send)
+                await self.app(scope, receive, status)
             except Exception as exc:
                 raised = True
                 _record_error(span, exc)
@@ -252,12 +239,12 @@ class TracingMiddleware:
             finally:
                 # Known only now: the router put the matched route in the scope. Without one
                 # (no route matched) the name stays the bare method, as the conventions say.
-                if scope.get("route") is not None:
-                    route = self.route_template(scope)
+                route = route_template(scope)
+                if route is not None:
                     span.update_name(f"{name} {route}")
                     span.set_attribute("http.route", route)
                 # An exception escaping with no response started becomes a 500 further out.
-                answered = status if status is not None else 500
+                answered = status.code if status.code is not None else 500
                 span.set_attribute("http.response.status_code", answered)
                 if answered >= 500 and not raised:
                     span.set_status(Status(StatusCode.ERROR))

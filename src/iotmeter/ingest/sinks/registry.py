@@ -51,7 +51,7 @@ class RegistrySink:
             await DeviceRepository(session).touch_last_seen(
                 {device_id: _from_epoch_us(epoch_us) for device_id, epoch_us in seen.items()}
             )
-        self.stats.dead_letters["ingest"] += len(rejections)
+        self.stats.dead_letters_ingest += len(rejections)
         for rejection in rejections:
             self.stats.count_rejection(rejection.reason.value, rejection.device_id)
         return None
