@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_ingest_e2e import publish
 from tests.fixtures.delivery import AppProcess, app_environment
@@ -30,6 +32,7 @@ from tests.fixtures.services import (
 )
 
 MAX_PAYLOAD = 8192  # small, so that oversized payloads are cheap to make
+RECORD_START = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 ROUNDS = int(os.environ.get("IOTMETER_TEST_HOSTILE_ROUNDS", "25"))
 """Generated rounds per backend (raise it for a longer search)."""
 
@@ -163,3 +166,26 @@ async def test_after_the_hostile_rounds_good_data_still_flows_and_nothing_was_an
     assert "sink_failed" not in reasons
     ready = await pipeline.api.get("/ready")
     assert ready.status_code == 200, ready.text
+    # The metrics after every hostile round: readable by Prometheus' own parser, and telling
+    # what /api/v1/stats tells (what devices sent never became a label).
+    scrape = await pipeline.api.get("/metrics")
+    assert scrape.status_code == 200, scrape.text
+    families = {family.name: family for family in text_string_to_metric_families(scrape.text)}
+    (received_total,) = families["iotmeter_messages_received"].samples
+    assert received_total.value == stats["messages"]["received"]  # type: ignore[index]
+    rejected = {
+        sample.labels["reason"]: int(sample.value)
+        for sample in families["iotmeter_messages_rejected"].samples
+        if sample.value
+    }
+    assert rejected == reasons
+    # The log: one line per record (a record's first line starts with its time; `=====` lines
+    # are AppProcess's own start markers), so no topic or payload a device chose has started a
+    # line of its own.
+    log = pipeline.app.log_path.read_text(errors="replace")
+    stray = [
+        line
+        for line in log.splitlines()
+        if line and not line.startswith("===== ") and not RECORD_START.match(line)
+    ]
+    assert stray == [], stray[:5]
