@@ -62,6 +62,16 @@ def ensure_prometheus() -> str | None:
     return "the prometheus and promtool binaries are missing (apt-get install prometheus)"
 
 
+def ensure_chromium() -> str | None:
+    if shutil.which("chromium"):
+        return None
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False)
+        if shutil.which("chromium"):
+            return None
+    return "the chromium browser is missing (apt-get install chromium)"
+
+
 def ensure_weed() -> str | None:
     if (Path(sys.executable).parent / "weed").exists() or shutil.which("weed"):
         return None
@@ -88,6 +98,7 @@ def main() -> int:
         ensure_postgresql(),
         ensure_mosquitto(),
         ensure_prometheus(),
+        ensure_chromium(),
         ensure_weed(),
         ensure_redis(),
     )
@@ -95,7 +106,7 @@ def main() -> int:
     for problem in problems:
         print(f"prepare_tests: {problem}", file=sys.stderr)
     if not problems:
-        print("prepare_tests: PostgreSQL, Redis, mosquitto, prometheus and weed are ready")
+        print("prepare_tests: PostgreSQL, Redis, mosquitto, prometheus, chromium and weed are ready")
     return 1 if problems else 0
 
 

@@ -36,6 +36,7 @@ from iotmeter.api.routes import (
     devices,
     health,
     keys,
+    live,
     operations,
     raw,
     stats,
@@ -63,12 +64,13 @@ from iotmeter.observability.metrics import HttpMetrics, Metrics, MetricsPort
 from iotmeter.observability.tracing import TracingMiddleware, start_tracing
 from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.runtime import TaskSupervisor
-from iotmeter.server import HttpProtocol
+from iotmeter.server import HttpProtocol, on_shutdown
 from iotmeter.services.housekeeping import run_housekeeping
 from iotmeter.services.keys import bootstrap_admin_key, record_key_use
 from iotmeter.simulator.publisher import plan_devices, run_simulator
 from iotmeter.state import AppState
 from iotmeter.storage.factory import open_archive, open_timeseries
+from iotmeter.web import install_dashboard
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -165,7 +167,15 @@ async def open_state(
             alerts = AlertSink(database, directory, book, wake_notifier=state.notifier.wake)
             state.alert_sink = alerts
             sinks = build_sinks(
-                settings, database, timeseries, archive, directory, state.stats, series, alerts
+                settings,
+                database,
+                timeseries,
+                archive,
+                directory,
+                state.stats,
+                series,
+                alerts,
+                live=state.live.publish,
             )
             collector = await Collector.open(settings, broker, database, sinks, state.stats)
             stack.callback(collector.close)
@@ -182,6 +192,7 @@ async def open_state(
                 port = MetricsPort(metrics, settings.metrics_host, settings.metrics_port)
                 await port.start()
                 stack.push_async_callback(port.stop)
+        stack.enter_context(on_shutdown(state.live.close_all))
         # Registered after the clients, so it runs first on the way out: tasks stop first.
         stack.push_async_callback(supervisor.stop)
         _start_tasks(state, extra_tasks or {})
@@ -349,6 +360,7 @@ def create_app(
         stats.router,
         keys.router,
         audit.router,
+        live.router,
     ):
         app.include_router(
             router,
@@ -361,6 +373,8 @@ def create_app(
         app.include_router(
             operations.router, dependencies=[Depends(authorize)], responses=API_ERRORS
         )
+    if settings.ui_enabled:
+        install_dashboard(app)
     install_truthful_openapi(app)
     return app
 

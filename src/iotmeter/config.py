@@ -117,6 +117,15 @@ class _HttpSettings(BaseSettings):
     http_keep_alive_s: int = Field(
         5, ge=1, description="Seconds an idle keep-alive connection stays open."
     )
+    ui_enabled: bool = Field(
+        True, description="Serve the web dashboard at `/` (its data comes from the API)."
+    )
+    live_max_streams: int = Field(
+        100,
+        ge=0,
+        description="Most live event streams (`/api/v1/live`, the dashboard's charts) open at "
+        "once; more are refused with 503.",
+    )
 
     dead_letter_retention_days: float = Field(
         30.0, gt=0, description="Dead letters older than this many days are deleted."

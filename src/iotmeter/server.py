@@ -12,17 +12,35 @@ limited by it (the body's size is, by the app).
 `iotmeter serve` uses it; with uvicorn's own command line pass
 `--http iotmeter.server:HttpProtocol`. The app sets the deadline from
 `IOTMETER_HTTP_HEADER_TIMEOUT_S` when it is created.
+
+It also ends the app's open event streams when the server shuts down (`on_shutdown`): uvicorn
+waits for every response in progress before it stops, and an event stream never ends on its
+own, so one open dashboard tab kept a SIGTERMed server running until it was killed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
+
+_shutdown_hooks: list[Callable[[], None]] = []
+
+
+@contextmanager
+def on_shutdown(hook: Callable[[], None]) -> Iterator[None]:
+    """Call `hook` (maybe several times) when the server starts shutting down, while inside."""
+    _shutdown_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _shutdown_hooks.remove(hook)
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -36,6 +54,11 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        for hook in list(_shutdown_hooks):
+            hook()
+        super().shutdown()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -12,6 +12,7 @@ from iotmeter.config import Settings
 from iotmeter.db.engine import Database
 from iotmeter.devicelink.credentials import SERVICE_USERNAME, credential_secret
 from iotmeter.ingest.broker import BrokerAddress
+from iotmeter.ingest.live import LiveFeed
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.runtime import TaskSupervisor
 from iotmeter.security.key_cache import KeyCache
@@ -65,10 +66,13 @@ class AppState:
     key_cache: KeyCache = field(default_factory=KeyCache)
     """Verified API keys (PostgreSQL: while listening for revocations) and their last use."""
     rate_limits: RateLimits = field(init=False)
+    live: LiveFeed = field(init=False)
+    """Readings of watched devices for the open event streams (`/api/v1/live`)."""
     """Told the ids of devices the API changed or deleted, once the change is committed (the
     collector's cache of device types)."""
 
     def __post_init__(self) -> None:
+        self.live = LiveFeed(max_streams=self.settings.live_max_streams)
         self.rate_limits = RateLimits(
             self.settings.rate_limit_per_key,
             self.settings.rate_limit_per_address,

@@ -46,6 +46,25 @@ _DOCS_HEADERS = [
     ),
 ]
 
+_DASHBOARD_PATH = "/"
+_DASHBOARD_PREFIX = "/ui/"
+_DASHBOARD_HEADERS = [
+    *_COMMON_HEADERS,
+    # The web dashboard (`iotmeter.web`): its own files only, no inline script or style.
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        b"connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+        b"form-action 'self'; frame-ancestors 'none'",
+    ),
+]
+
+
+def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
+    if path == _DASHBOARD_PATH or path.startswith(_DASHBOARD_PREFIX):
+        return _DASHBOARD_HEADERS
+    return _DOCS_HEADERS if path.startswith(_DOCS_PATHS) else _API_HEADERS
+
 
 class RequestGuard:
     """Refuses, with the project's error shape:
@@ -63,7 +82,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, downstream)
             return
-        extra = _DOCS_HEADERS if scope["path"].startswith(_DOCS_PATHS) else _API_HEADERS
+        extra = _security_headers(scope["path"])
 
         async def send(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -26,6 +26,7 @@ from iotmeter.ingest.broker import BrokerAddress
 from iotmeter.ingest.decode import DecodeLimits
 from iotmeter.ingest.directory import DeviceDirectory
 from iotmeter.ingest.intake import Intake
+from iotmeter.ingest.live import Publisher
 from iotmeter.ingest.runner import SinkRunner
 from iotmeter.ingest.series import SeriesGuard
 from iotmeter.ingest.sinks import Sink
@@ -54,6 +55,7 @@ def build_sinks(
     stats: IngestStats,
     series: SeriesGuard | None = None,
     alerts: Sink | None = None,
+    live: Publisher | None = None,
 ) -> list[Sink]:
     """Every sink the collector feeds, in the order they are listed in `/ready`."""
     archive_sink: Sink
@@ -73,7 +75,7 @@ def build_sinks(
         archive_sink = ArchiveSink(archive, directory, stats)
     sinks: list[Sink] = [
         RegistrySink(database, directory, stats),
-        TimeSeriesSink(timeseries, directory, stats, series),
+        TimeSeriesSink(timeseries, directory, stats, series, live),
         archive_sink,
     ]
     if alerts is not None:

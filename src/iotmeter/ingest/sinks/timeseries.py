@@ -8,6 +8,7 @@ from collections import Counter
 from iotmeter.errors import StoreRejected
 from iotmeter.ingest.batch import Batch
 from iotmeter.ingest.directory import DeviceDirectory
+from iotmeter.ingest.live import Publisher
 from iotmeter.ingest.series import SeriesGuard
 from iotmeter.ingest.stats import IngestStats
 from iotmeter.readings import ReadingSet
@@ -23,11 +24,13 @@ class TimeSeriesSink:
         directory: DeviceDirectory,
         stats: IngestStats,
         series: SeriesGuard | None = None,
+        live: Publisher | None = None,
     ) -> None:
         self.timeseries = store
         self.directory = directory
         self.stats = stats
         self.series = series
+        self.live = live
 
     async def store(self, batch: Batch) -> int | None:
         readings = await self.directory.resolve(
@@ -43,9 +46,13 @@ class TimeSeriesSink:
                 refused = {id(reading) for reading, _reason in exc.rejected}
                 stored = [reading for reading in readings if id(reading) not in refused]
                 self.stats.count_stored(self.name, Counter(r.device_id for r in stored))
+                if self.live is not None:
+                    self.live(stored)
                 exc.over_limit.extend(over_limit)
                 raise
             self.stats.count_stored(self.name, Counter(r.device_id for r in readings))
+            if self.live is not None:
+                self.live(readings)
         if over_limit:
             raise StoreRejected(
                 f"{len(over_limit)} reading set(s) over the limit on new series",
