@@ -1761,6 +1761,54 @@ def cpu_breakdown(sampler: Sampler, start: float, stop: float) -> dict[str, floa
     return result
 
 
+class LiveWatchers:
+    """Open event streams on `/api/v1/live`, as dashboard tabs on busy devices: each watches
+    its own bench devices and asks for the ingest figures. They count what arrives without
+    parsing it (the question is the app's cost, not the client's)."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], streams: int) -> None:
+        self.client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=httpx.Timeout(10, read=None),
+            limits=httpx.Limits(max_connections=streams + 1),
+        )
+        self.streams = streams
+        self.tasks: list[asyncio.Task[None]] = []
+        self.counts = {"opened": 0, "bytes": 0, "readings_events": 0, "readings": 0, "gaps": 0}
+        self.errors: list[str] = []
+
+    def start(self, devices: int, per_stream: int) -> None:
+        for n in range(self.streams):
+            watched = [f"bench-{(n * per_stream + i) % devices:05d}" for i in range(per_stream)]
+            self.tasks.append(asyncio.create_task(self._watch(watched)))
+
+    async def _watch(self, devices: list[str]) -> None:
+        params = [("device_id", device) for device in devices] + [("stats", "true")]
+        try:
+            async with self.client.stream("GET", "/api/v1/live", params=params) as response:
+                if response.status_code != 200:
+                    self.errors.append(
+                        f"{response.status_code}: {(await response.aread())[:200]!r}"
+                    )
+                    return
+                self.counts["opened"] += 1
+                async for chunk in response.aiter_raw():
+                    self.counts["bytes"] += len(chunk)
+                    self.counts["readings_events"] += chunk.count(b"event: readings")
+                    self.counts["readings"] += chunk.count(b'"device_id"')
+                    self.counts["gaps"] += chunk.count(b"event: gap")
+        except httpx.HTTPError as exc:
+            self.errors.append(repr(exc))
+
+    async def stop(self) -> dict[str, Any]:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.client.aclose()
+        return {"streams": self.streams, **self.counts, "errors": self.errors[:5]}
+
+
 async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str, Any]:
     """The same load into iotmeter, with the latency probe and (optionally) a profile."""
     args = run.args
@@ -1795,6 +1843,10 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
         return 0
 
     relay_task = asyncio.create_task(relay_consumed(publishers, received))
+    watchers = None
+    if args.live_streams:
+        watchers = LiveWatchers(app.base_url, app.headers, args.live_streams)
+        watchers.start(args.devices, args.live_devices_per_stream)
     finals = [await p.wait_done(args.duration + args.ack_timeout + 30) for p in publishers]
     relay_task.cancel()
     await probe_task
@@ -1825,6 +1877,7 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
     rows = None
     if run.services.influx is None:
         rows = await count_stored_rows(run.services.database_url, int((go - 5) * 1_000_000))
+    live = await watchers.stop() if watchers is not None else None
     stored_series = sampler.series("stored")
     rss = [sample.rss_mb for sample in sampler.samples if sample.rss_mb is not None]
     spool = [sample.spool_depth for sample in sampler.samples if sample.spool_depth is not None]
@@ -1842,6 +1895,7 @@ async def iotmeter_phase(run: Run, app: App, api: httpx.AsyncClient) -> dict[str
         "loss": None if drained == "timeout" else max(0, acked - final_stored),
         "pending_at_timeout": acked - final_stored if drained == "timeout" else None,
         "duplicates": max(0, final_stored - acked),
+        "live": live,
         "drained": drained,
         "drain_s": round(drain_s, 1),
         "sql_rows_check": None
@@ -3275,9 +3329,26 @@ def build_parser() -> argparse.ArgumentParser:
         "each on fresh services, and print both rates and their ratio (e.g. "
         "--app-env IOTMETER_METRICS_ENABLED=false --compare-env IOTMETER_METRICS_ENABLED=true)",
     )
+    auth.add_argument(
+        "--compare-live-streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run without (off) and with (on) N open live event streams (dashboard tabs on "
+        "/api/v1/live), --repeat times alternating, each on fresh services",
+    )
 
     app = parser.add_argument_group("iotmeter")
     app.add_argument("--archive", choices=["s3", "local"], default="s3")
+    app.add_argument(
+        "--live-streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N live event streams open during the ingest phase, each watching "
+        "--live-devices-per-stream bench devices (with stats), as dashboard tabs would",
+    )
+    app.add_argument("--live-devices-per-stream", type=int, default=5)
     app.add_argument(
         "--archive-layout",
         choices=["per-message", "segment"],
@@ -3383,7 +3454,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if "--smoke" in argv:
         # Smoke values replace the defaults only: options given explicitly still win.
         parser.set_defaults(**SMOKE_DEFAULTS)
-    if "--device-auth-compare" in argv or "--compare-env" in argv:
+    if (
+        "--device-auth-compare" in argv
+        or "--compare-env" in argv
+        or any(arg.startswith("--compare-live-streams") for arg in argv)
+    ):
         # The question is ingest with and without device auth: no API or S3 PUT phases
         # unless asked for.
         parser.set_defaults(api=False, s3_put_default=0.0)
@@ -3395,9 +3470,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise SystemExit("the device-auth options apply to the steady mode only")
     if args.device_auth_compare and args.mqtt_url:
         raise SystemExit("--device-auth-compare starts its own brokers: no --mqtt-url")
-    if args.repeat < 1 or (args.repeat > 1 and not (args.device_auth_compare or args.compare_env)):
+    comparing = args.device_auth_compare or args.compare_env or args.compare_live_streams
+    if args.repeat < 1 or (args.repeat > 1 and not comparing):
         raise SystemExit("--repeat goes with --device-auth-compare or --compare-env, at least 1")
-    if args.compare_env and args.device_auth_compare:
+    if sum(map(bool, (args.compare_env, args.device_auth_compare, args.compare_live_streams))) > 1:
         raise SystemExit("--compare-env and --device-auth-compare are two questions: one at a time")
     if per_device and args.devices > MAX_CONNECTIONS_PER_PUBLISHER * args.publishers:
         raise SystemExit(
@@ -3420,7 +3496,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    if args.device_auth_compare or args.compare_env:
+    if args.device_auth_compare or args.compare_env or args.compare_live_streams:
         return await compare_device_auth(args, argv)
     _summary, status = await run_once(args, argv)
     return status
@@ -3519,12 +3595,14 @@ async def compare_device_auth(args: argparse.Namespace, argv: Sequence[str]) -> 
     ratio on / off. The combined summary goes to `--json` (default bench/results/...), each
     run's own beside it."""
     started = datetime.now(UTC)
-    question = (
-        f"without / with {' '.join(args.compare_env)}"
-        if args.compare_env
-        else "device auth off / on, one MQTT connection per device"
-    )
-    kind = "env-compare" if args.compare_env else "device-auth-compare"
+    if args.compare_env:
+        question, kind = f"without / with {' '.join(args.compare_env)}", "env-compare"
+    elif args.compare_live_streams:
+        question = f"without / with {args.compare_live_streams} live event streams"
+        kind = "live-compare"
+    else:
+        question = "device auth off / on, one MQTT connection per device"
+        kind = "device-auth-compare"
     base = args.json or RESULTS / (
         f"{started:%Y%m%d-%H%M%S}-{kind}-{args.archive_layout}-{args.archive}.json"
     )
@@ -3535,9 +3613,12 @@ async def compare_device_auth(args: argparse.Namespace, argv: Sequence[str]) -> 
             variant_args = argparse.Namespace(**vars(args))
             variant_args.device_auth_compare = False
             variant_args.compare_env = []
+            variant_args.compare_live_streams = 0
             if args.compare_env:
                 if variant == "on":
                     variant_args.app_env = [*args.app_env, *args.compare_env]
+            elif args.compare_live_streams:
+                variant_args.live_streams = args.compare_live_streams if variant == "on" else 0
             else:
                 variant_args.device_auth = variant == "on"
                 variant_args.per_device_connections = True
@@ -3616,6 +3697,7 @@ def comparison_entry(
         "load_average_start": summary["machine"].get("load_average_start"),
         "load_average_end": summary["machine"].get("load_average_end"),
         "provisioning": summary.get("provisioning"),
+        "live": ingest.get("live"),
     }
 
 
@@ -3742,6 +3824,18 @@ def render_comparison(document: dict[str, Any]) -> str:
         ),
         row("within 5 % (on >= 95 % of off)", fmt(comparison["within_5_percent"])),
     ]
+    for run in document["runs"]:
+        live = run.get("live")
+        if live:
+            lines.append(
+                row(
+                    f"live streams, run {run['repetition']} {run['variant']}",
+                    f"{live['opened']}/{live['streams']} open, {live['readings']:,} readings "
+                    f"in {live['readings_events']:,} events, {live['bytes'] / 1e6:.1f} MB, "
+                    f"{live['gaps']} gaps"
+                    + (f", errors: {live['errors']}" if live["errors"] else ""),
+                )
+            )
     return "\n".join(lines)
 
 
