@@ -106,7 +106,7 @@ def main() -> int:
     for problem in problems:
         print(f"prepare_tests: {problem}", file=sys.stderr)
     if not problems:
-        print("prepare_tests: PostgreSQL, Redis, mosquitto, prometheus, chromium and weed are ready")
+        print("prepare_tests: PostgreSQL, Redis, mosquitto, prometheus, chromium, weed: ready")
     return 1 if problems else 0
 
 

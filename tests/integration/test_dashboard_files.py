@@ -3,6 +3,7 @@ nothing outside the package, and off when switched off."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -109,3 +110,13 @@ async def test_the_api_documentation_loads_nothing_from_elsewhere(
                 assert url.startswith("/"), f"{page} loads {url} from elsewhere"
                 assert not url.startswith("//"), f"{page} loads {url} from elsewhere"
                 assert (await client.get(url)).status_code == 200, (page, url)
+
+
+def test_vendored_files_are_the_ones_their_version_file_names() -> None:
+    """A vendored file changed by hand (or half-upgraded) no longer matches its recorded hash."""
+    for version in (STATIC_DIR / "vendor").glob("*/VERSION"):
+        recorded = re.findall(r"sha256 ([0-9a-f]{64})\s+(\S+)", version.read_text())
+        assert recorded, version
+        for digest, name in recorded:
+            content = (version.parent / name).read_bytes()
+            assert hashlib.sha256(content).hexdigest() == digest, name
