@@ -75,7 +75,7 @@ async def one_load(
     paint = await page.evaluate(
         "() => (performance.getEntriesByName('first-contentful-paint')[0] || {}).startTime"
     )
-    await page.wait_for_load_state("networkidle")
+    await page.wait_for_load_state("load")  # not networkidle: the live stream stays open
     css_js = sum(sizes.values())
     started = time.perf_counter()
     await page.goto(f"{base_url}/#/devices/{device}")
