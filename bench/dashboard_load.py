@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from playwright.async_api import Page, Response, async_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +38,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--devices", type=int, default=100, help="simulated devices")
     parser.add_argument("--loads", type=int, default=10)
+    parser.add_argument(
+        "--registered",
+        type=int,
+        default=0,
+        help="also register this many devices (through the API) and time the devices page",
+    )
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=800)
     return parser.parse_args()
@@ -84,13 +91,50 @@ async def one_load(
         ".some(f => Number(f.dataset.points) > 0)"
     )
     chart_ms = (time.perf_counter() - started) * 1000
-    await context.close()
-    return {
+    timings = {
         "first_paint_ms": float(paint or 0),
         "first_data_ms": first_data_ms,
         "device_chart_ms": chart_ms,
         "js_css_bytes": float(css_js),
     }
+    if args.registered:
+        started = time.perf_counter()
+        await page.goto(f"{base_url}/#/devices")
+        await page.wait_for_function("() => document.querySelectorAll('tbody tr a').length >= 50")
+        timings["devices_page_ms"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        first = await page.evaluate("() => document.querySelector('tbody tr a').textContent")
+        await page.get_by_role("button", name="Next").click()
+        await page.wait_for_function(
+            "(first) => { const a = document.querySelector('tbody tr a');"
+            " return a && a.textContent !== first; }",
+            arg=first,
+        )
+        timings["devices_next_page_ms"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        await page.get_by_label("Search").fill("reg-0099")
+        await page.wait_for_function(
+            "() => [...document.querySelectorAll('tbody tr a')].every("
+            "a => a.textContent.includes('reg-0099'))"
+            " && document.querySelectorAll('tbody tr a').length > 0"
+        )
+        timings["devices_search_ms"] = (time.perf_counter() - started) * 1000
+    await context.close()
+    return timings
+
+
+async def register(base_url: str, headers: dict[str, str], count: int) -> None:
+    """`count` devices through the API, 16 requests at a time."""
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as client:
+        queue = iter(range(count))
+
+        async def worker() -> None:
+            for n in queue:
+                device = {"id": f"reg-{n:06d}", "name": f"Registered {n}", "type": "meter"}
+                response = await client.post("/api/v1/devices", json=device)
+                assert response.status_code == 201, response.text
+
+        await asyncio.gather(*(worker() for _ in range(16)))
 
 
 async def main() -> int:
@@ -111,6 +155,8 @@ async def main() -> int:
     try:
         key = app.headers["Authorization"].removeprefix("Bearer ")
         await asyncio.sleep(3)  # a few readings of every simulated device
+        if args.registered:
+            await register(app.base_url, app.headers, args.registered)
         results: list[dict[str, float]] = []
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM)
@@ -123,7 +169,11 @@ async def main() -> int:
             f"dashboard, {args.devices} simulated devices publishing every 1 s, "
             f"{args.loads} cold loads at {args.width}x{args.height} (ms):"
         )
-        for name in ("first_paint_ms", "first_data_ms", "device_chart_ms"):
+        names = ["first_paint_ms", "first_data_ms", "device_chart_ms"]
+        if args.registered:
+            print(f"  (+ {args.registered:,} registered devices)")
+            names += ["devices_page_ms", "devices_next_page_ms", "devices_search_ms"]
+        for name in names:
             print(f"  {name:<18} {summary([r[name] for r in results])}")
         sizes = {r["js_css_bytes"] for r in results}
         print(

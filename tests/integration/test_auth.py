@@ -22,11 +22,13 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy import select, update
 from starlette.types import ASGIApp
 
+from iotmeter.api.auth import needed_role
 from iotmeter.app import create_app
 from iotmeter.config import Settings
 from iotmeter.db.base import utcnow
 from iotmeter.db.engine import Database, build_engine
 from iotmeter.db.models import ApiKey
+from iotmeter.security.keys import Role
 from tests.conftest import auth_headers, empty_tables, make_settings
 
 DEVICES = "/api/v1/devices"
@@ -522,3 +524,38 @@ async def test_rate_limits_in_redis_hold_across_processes(sqlite_url: str, tmp_p
             ) as client:
                 statuses.append((await client.get(DEVICES)).status_code)
     assert statuses == [200] * 6 + [429] * 2
+
+
+async def test_a_viewer_may_backtest_a_rule_but_not_change_one(
+    api: httpx.AsyncClient, anonymous: httpx.AsyncClient
+) -> None:
+    """A backtest is a POST that writes nothing: a viewer (the dashboard's too) may run it."""
+    assert (await api.post(DEVICES, json=DEVICE)).status_code == 201
+    body = {
+        "name": "hot",
+        "kind": "threshold",
+        "device_id": "dev-1",
+        "field": "t",
+        "operator": ">",
+        "threshold": 30.0,
+        "severity": "warning",
+    }
+    created = await api.post("/api/v1/alert-rules", json=body)
+    assert created.status_code == 201, created.text
+    rule = created.json()["id"]
+    viewer = bearer((await make_key(api, "viewer"))["key"])
+    ran = await anonymous.post(
+        f"/api/v1/alert-rules/{rule}/backtest", params={"start": "-1h"}, headers=viewer
+    )
+    assert ran.status_code == 200, ran.text
+    for method, path, payload in (
+        ("POST", "/api/v1/alert-rules", body),
+        ("PATCH", f"/api/v1/alert-rules/{rule}", {"threshold": 1.0}),
+        ("DELETE", f"/api/v1/alert-rules/{rule}", None),
+    ):
+        refused = await anonymous.request(method, path, json=payload, headers=viewer)
+        assert refused.status_code == 403, (method, path, refused.text)
+    assert (await api.get(f"/api/v1/alert-rules/{rule}")).json()["threshold"] == 30.0
+    # Only that path: a route added below it later is a write until someone says otherwise.
+    assert needed_role("POST", f"/api/v1/alert-rules/{rule}/backtest/x") == Role.operator
+    assert needed_role("POST", f"/api/v1/alert-rules/{rule}/backtestx") == Role.operator

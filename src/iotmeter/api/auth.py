@@ -4,15 +4,17 @@ Tokens come in headers only (`Authorization: Bearer …` or `X-API-Key`), never 
 page in a browser cannot act with a user's credentials (no cross-site request can set them).
 
 Roles, each including the ones below it: `viewer` reads everything except keys and the audit
-log; `operator` also writes devices, configs and alerts; `admin` also manages keys and reads
-the audit log. What a request needs follows from its method and path (`needed_role`), so a new
-route is covered without anyone remembering to protect it.
+log (a rule's backtest included, a POST that writes nothing); `operator` also writes devices,
+configs and alerts; `admin` also manages keys and reads the audit log. What a request needs
+follows from its method and path (`needed_role`), so a new route is covered without anyone
+remembering to protect it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 ADMIN_PATHS = ("/api/v1/keys", "/api/v1/audit")
 PRINCIPAL_SCOPE_KEY = "iotmeter.principal"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+READ_ONLY_POST = re.compile(r"/api/v1/alert-rules/[^/]+/backtest")
+"""POSTs that write nothing (a backtest takes its range as input): a viewer may send them."""
 _HMAC_ALGORITHMS = ["HS256", "HS384", "HS512"]
 _PUBLIC_KEY_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384"]
 
@@ -73,7 +77,9 @@ ANONYMOUS_ADMIN = Principal("anonymous", Role.admin)
 def needed_role(method: str, path: str) -> Role:
     if path.startswith(ADMIN_PATHS):
         return Role.admin
-    return Role.viewer if method in SAFE_METHODS else Role.operator
+    if method in SAFE_METHODS or (method == "POST" and READ_ONLY_POST.fullmatch(path)):
+        return Role.viewer
+    return Role.operator
 
 
 async def authenticate(
