@@ -120,7 +120,13 @@ async def test_a_stalled_time_series_store_does_not_stop_the_archive(
                 what="the archive to progress while InfluxDB refuses",
             )
             assert raw.status_code == 200
-            stats = (await api.get("/api/v1/stats")).json()
+            # The archive confirms its spool position just after its objects are listable.
+            response = await eventually(
+                lambda: api.get("/api/v1/stats"),
+                lambda r: r.json()["spool"]["lag_by_sink"]["archive"] == 0,
+                what="the archive's spool position confirmed",
+            )
+            stats = response.json()
             assert stats["messages"]["stored"] == 0  # not in both stores yet
             assert stats["spool"]["lag_by_sink"]["archive"] == 0
             assert stats["spool"]["lag_by_sink"]["timeseries"] == 10
