@@ -50,6 +50,14 @@ class TimeSeriesStore(Protocol):
         """Points ordered by field, then time; at most `query.limit` of them."""
         ...
 
+    async def scan(
+        self, device_id: str, field: str, start_us: int, stop_us: int, limit: int
+    ) -> list[tuple[int, float]]:
+        """(time, value) of one series in [start_us, stop_us), ordered by time, at most
+        `limit`: the keyset reads of a streaming export (the next read starts after the last
+        time), each served by an index in time order, however long the series."""
+        ...
+
     async def latest(self, device_ids: Sequence[str]) -> dict[str, dict[str, SeriesPoint]]:
         """The newest point of each field of each device (devices without data are absent)."""
         ...

@@ -363,6 +363,16 @@ class InfluxTimeSeriesStore:
         points.sort(key=lambda point: (point.field, point.epoch_us))
         return points[: query.limit]
 
+    async def scan(
+        self, device_id: str, field: str, start_us: int, stop_us: int, limit: int
+    ) -> list[tuple[int, float]]:
+        """One series in time order: a raw query of the one field (InfluxDB keeps each series
+        in time order and `limit` applies per series)."""
+        points = await self.query(
+            SeriesQuery(device_id, start_us, stop_us, fields=[field], limit=limit)
+        )
+        return [(point.epoch_us, point.value) for point in points]
+
     async def latest(self, device_ids: Sequence[str]) -> dict[str, dict[str, SeriesPoint]]:
         """The newest point of each field of each device seen in the lookback window."""
         unique = list(dict.fromkeys(device_ids))

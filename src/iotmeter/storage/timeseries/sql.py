@@ -53,6 +53,18 @@ ON CONFLICT (device_id, field) DO UPDATE SET epoch_us = excluded.epoch_us, value
 WHERE excluded.epoch_us >= telemetry_latest.epoch_us
 """
 
+# One series in time order: the primary key (device_id, field, epoch_us) serves it as a range
+# scan that stops after `limit` rows (`query` orders by field in the C collation, which that
+# index cannot serve, so a limited read there sorts the whole rest of the range).
+_PG_SCAN = (
+    "SELECT epoch_us, value FROM telemetry WHERE device_id = $1 AND field = $2 "
+    "AND epoch_us >= $3 AND epoch_us < $4 ORDER BY epoch_us LIMIT $5"
+)
+_SQLITE_SCAN = (
+    "SELECT epoch_us, value FROM telemetry WHERE device_id = ? AND field = ? "
+    "AND epoch_us >= ? AND epoch_us < ? ORDER BY epoch_us LIMIT ?"
+)
+
 _AGGREGATE_SQL = {"mean": "AVG", "min": "MIN", "max": "MAX", "sum": "SUM", "count": "COUNT"}
 
 Row = tuple[str, str, int, float]
@@ -236,6 +248,37 @@ class SqlTimeSeriesStore:
         except (OperationalError, DBAPIError, OSError) as exc:
             raise _query_failed(exc) from exc
         return [SeriesPoint(field, int(epoch_us), float(value)) for field, epoch_us, value in rows]
+
+    async def scan(
+        self, device_id: str, field: str, start_us: int, stop_us: int, limit: int
+    ) -> list[tuple[int, float]]:
+        """One series in time order, at most `limit` points (straight to the driver: an
+        export reads millions of rows, and SQLAlchemy's row objects cost more than the query)."""
+        if limit < 1 or stop_us <= start_us:
+            return []
+        try:
+            async with self.database.autocommit_engine.connect() as connection:
+                if self.database.dialect == "postgresql":
+                    raw = await connection.get_raw_connection()
+                    driver: Any = raw.driver_connection
+                    records = await driver.fetch(
+                        _PG_SCAN, device_id, field, start_us, stop_us, limit
+                    )
+                    return [(record[0], record[1]) for record in records]
+                result = await connection.exec_driver_sql(
+                    _SQLITE_SCAN, (device_id, field, start_us, stop_us, limit)
+                )
+                rows: list[Any] = list(result.all())
+                return [(int(row[0]), float(row[1])) for row in rows]
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise _query_failed(exc) from exc
+        except asyncpg.InterfaceError as exc:
+            raise BackendUnavailable(f"time-series read failed: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            # Connection (08), operator intervention such as a shutdown (57), resources (53).
+            if str(exc.sqlstate or "")[:2] in ("08", "53", "57"):
+                raise BackendUnavailable(f"time-series read failed: {exc}") from exc
+            raise _query_failed(exc) from exc
 
     async def latest(self, device_ids: Sequence[str]) -> dict[str, dict[str, SeriesPoint]]:
         if not device_ids:
