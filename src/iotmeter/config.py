@@ -501,6 +501,17 @@ class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
     query_max_points: int = Field(
         100_000, ge=10, description="Most points one telemetry query may return."
     )
+    export_chunk_points: int = Field(
+        10_000,
+        ge=100,
+        le=1_000_000,
+        description=(
+            "Points a streaming export (`.../telemetry/export`) reads from the time-series store "
+            "at a time, and the most rows between two of its cursors; the server holds about "
+            "two chunks per running export. Exports are bounded by this, not by "
+            "`IOTMETER_QUERY_MAX_RANGE_S` or `IOTMETER_QUERY_MAX_POINTS`."
+        ),
+    )
 
     log_level: LogLevel = Field("INFO", description="Log level.")
     log_format: Literal["console", "json"] = Field(

@@ -60,7 +60,8 @@ class LatestMany(BaseModel):
     devices: dict[str, dict[str, LatestValue]]
 
 
-def _fields(text: str | None) -> list[str] | None:
+def parse_fields(text: str | None) -> list[str] | None:
+    """Comma-separated field names of a query, or `ValidationFailed` naming the bad one."""
     if not text:
         return None
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -133,7 +134,7 @@ async def device_telemetry(
         stop_us=stop_us,
         every_us=parse_duration_us(every, "every") if every else None,
         every_text=every,
-        fields=_fields(fields),
+        fields=parse_fields(fields),
         aggregate=aggregate,
     )
     points = await state.timeseries.query(query)
