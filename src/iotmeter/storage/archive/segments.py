@@ -178,11 +178,22 @@ class LayeredArchive:
                 return False
             return cursor is None or (item.epoch_us, item.key) > (cursor.epoch_us, cursor.key)
 
-        # Per-message objects.
-        page = await self.store.list(device_id, low, stop_us, limit=limit + 1)
-        found.extend(
-            item for item in (_Item(parse_key(key)[1], key) for key in page.keys) if wanted(item)
-        )
+        # Per-message objects. The store lists from the cursor's time on, so the cursor's own
+        # message (and others of its time before it) come back too: read past them, or a page
+        # followed by exactly `limit` messages said it was the last, and many messages of one
+        # time could hide the rest.
+        fetch = limit + 1
+        while True:
+            page = await self.store.list(device_id, low, stop_us, limit=fetch)
+            fresh = [
+                item
+                for item in (_Item(parse_key(key)[1], key) for key in page.keys)
+                if wanted(item)
+            ]
+            if len(fresh) > limit or len(page.keys) < fetch:
+                break
+            fetch = len(page.keys) + limit + 1 - len(fresh)
+        found.extend(fresh)
         # Segments, oldest first by their earliest reading; stop once they start too late.
         object_keys = await self.store.list_objects(
             device_id, key_bound(device_id, low - self.lookback_us), 10_000
