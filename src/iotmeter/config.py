@@ -233,7 +233,64 @@ class _AuthSettings(BaseSettings):
         return mapping
 
 
-class Settings(_AuthSettings, _HttpSettings, _SimulatorSettings):
+class _LifecycleSettings(BaseSettings):
+    """How long stored data lives, and its summaries (part of `Settings`)."""
+
+    telemetry_retention_days: float = Field(
+        0,
+        ge=0,
+        description="Readings older than this many days are deleted (0: kept forever). "
+        "PostgreSQL drops whole daily partitions; SQLite deletes in bounded chunks; InfluxDB: "
+        "the bucket's retention when iotmeter creates the bucket.",
+    )
+    telemetry_partitions_ahead: int = Field(
+        3,
+        ge=1,
+        le=60,
+        description="PostgreSQL: daily partitions of the time series created ahead of today.",
+    )
+    rollups_enabled: bool = Field(
+        True,
+        description="Keep 1-minute and 1-hour aggregates (min, max, sum, count, first, last) "
+        "per device and field; queries with `every` of a whole number of minutes read them.",
+    )
+    compaction_enabled: bool = Field(
+        True,
+        description="PostgreSQL: store each closed hour of a series as one row of arrays "
+        "(about 10x smaller than a row per reading), in the background; queries unchanged.",
+    )
+    rollup_retention_days: float = Field(
+        0,
+        ge=0,
+        description="Rollups older than this many days are deleted (0: as long as the readings).",
+    )
+    archive_retention_days: float = Field(
+        0,
+        ge=0,
+        description="Archived raw messages older than this many days are deleted (0: kept "
+        "forever): an S3 lifecycle rule on the bucket (set at start-up when allowed), the "
+        "local folder deletes them itself.",
+    )
+    archive_object_lock_days: int = Field(
+        0,
+        ge=0,
+        description="S3: create the bucket with Object Lock, each object kept unchangeable for "
+        "this many days in governance mode (0: off; the store must support it).",
+    )
+    resolved_alert_retention_days: float = Field(
+        90,
+        ge=0,
+        description="Resolved alerts older than this many days are deleted (0: kept forever).",
+    )
+    lifecycle_interval_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="How often the lifecycle task runs: rollups, partitions, retention.",
+    )
+
+
+class Settings(_LifecycleSettings, _AuthSettings, _HttpSettings, _SimulatorSettings):
     """All of iotmeter's configuration; defaults give the zero-config embedded setup."""
 
     model_config = SettingsConfigDict(
