@@ -1,4 +1,5 @@
-"""Command line: `iotmeter serve | migrate | simulate | replay | export | keys | settings`."""
+"""Command line: `iotmeter serve | migrate | simulate | replay | export | archive | keys |
+settings`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from iotmeter import cli_export, cli_keys
+from iotmeter import cli_archive, cli_export, cli_keys
 from iotmeter.config import Settings, env_name, load_settings
 from iotmeter.errors import SettingsInvalid
 from iotmeter.logging import configure_logging, secrets_of
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(handler=_replay)
     cli_keys.add_parser(commands)
     cli_export.add_parser(commands)
+    cli_archive.add_parser(commands)
     table = commands.add_parser("settings", help="print the settings as a Markdown table")
     table.set_defaults(handler=_settings_table, needs_settings=False)
     return parser

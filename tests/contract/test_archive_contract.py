@@ -116,7 +116,8 @@ async def test_single_message_payload_bytes_are_kept_unchanged(archive: ArchiveS
     assert document["payload"] == {"unit": "°C", "temperature": 21.5, "ts": 1767225600.0}
 
 
-async def test_redelivered_reading_overwrites_its_key(archive: ArchiveStore) -> None:
+async def test_a_redelivered_reading_keeps_the_first_document(archive: ArchiveStore) -> None:
+    """Write-once (issue 15, immutable archive): the key's first bytes stay."""
     first = reading(at_us=3 * MS, msg_id="m-42", raw=b'{"temperature":1}')
     again = reading(at_us=3 * MS, msg_id="m-42", raw=b'{"temperature":2}')
     assert first.archive_key == again.archive_key
@@ -124,7 +125,7 @@ async def test_redelivered_reading_overwrites_its_key(archive: ArchiveStore) -> 
     await archive.put([again, again])
     page = await archive.list("dev-1", BASE_US, BASE_US + 60_000 * MS, limit=10)
     assert page.keys == [first.archive_key]
-    assert (await archive.get(first.archive_key)).body == encode_archive_document(again)
+    assert (await archive.get(first.archive_key)).body == encode_archive_document(first)
 
 
 async def test_list_returns_time_range_start_included_stop_excluded(

@@ -191,6 +191,7 @@ class _StateCollector(Collector):
         yield from _collector(self.state)
         yield from _registry(self.metrics.figures)
         yield from _alerting(self.state)
+        yield from _archive(self.state)
 
 
 def _info(state: AppState) -> Iterator[Metric]:
@@ -319,6 +320,22 @@ def _collector(state: AppState) -> Iterator[Metric]:
         "iotmeter_mqtt_inflight_messages",
         "Messages taken from the broker and not yet acknowledged to it.",
         value=intake.inflight,
+    )
+
+
+def _archive(state: AppState) -> Iterator[Metric]:
+    writes = state.archive.writes
+    yield CounterMetricFamily(
+        "iotmeter_archive_existing_keys_skipped",
+        "Archive writes skipped because the key existed (a redelivery or a rebuild): archived "
+        "objects are write-once, the first copy stays.",
+        value=writes.skipped_existing,
+    )
+    yield CounterMetricFamily(
+        "iotmeter_archive_damaged_files_replaced",
+        "Local archive files found damaged (cut by a crash before they were durable) when "
+        "written again, and replaced by the new copy.",
+        value=writes.repaired,
     )
 
 

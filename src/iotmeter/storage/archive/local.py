@@ -1,8 +1,19 @@
 """The embedded archive: one JSON file per reading set under a local folder.
 
 Key `{device_id}/{name}` is the file `root/device_id/name`; names sort by time, so listing a
-time range is a filter over one device folder. Every write is atomic (temporary file in the same
-folder, then `os.replace`): a reader never sees half a document, and a redelivery overwrites.
+time range is a filter over one device folder.
+
+Every write is atomic and write-once: the bytes go to a temporary file in the same folder, which
+is then hard-linked under the final name (`os.link` fails when the name exists, where
+`os.replace` would overwrite); the temporary name is removed either way. A reader never sees
+half a document, and a redelivery or a rebuild never changes a file that exists: it is skipped
+(and counted). One exception: a file that is damaged (empty, or not matching its recorded hash:
+a write cut by a power loss before it was durable) is replaced by the new copy.
+
+A per-message file records the SHA-256 of its bytes in the extended attribute
+`user.iotmeter.sha256` (set on the temporary file, so the name never appears without it), which
+`iotmeter archive verify` checks; where the file system keeps no extended attributes the files
+are written without it. Copy an archive with `cp -a` or `rsync -X` to keep them.
 """
 
 from __future__ import annotations
@@ -11,25 +22,48 @@ import asyncio
 import builtins
 import contextlib
 import ctypes
+import errno
+import gzip
+import hashlib
 import heapq
+import logging
 import os
 import re
+import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import orjson
 
 from iotmeter.config import Settings
 from iotmeter.errors import BackendUnavailable, NotFound
 from iotmeter.ids import DEVICE_ID_RE
-from iotmeter.readings import ReadingSet
-from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage
+from iotmeter.readings import ReadingSet, format_key_time
+from iotmeter.storage.archive.base import (
+    ArchivedMessage,
+    ArchivePage,
+    ArchiveWrites,
+    StoredObject,
+)
 from iotmeter.storage.archive.document import encode_archive_document, key_bound, parse_key
+from iotmeter.storage.usage import StoreUsage
 
 if TYPE_CHECKING:
     from iotmeter.storage.archive.base import ArchiveStore
 
+logger = logging.getLogger(__name__)
+
+HASH_ATTRIBUTE = "user.iotmeter.sha256"
+"""The extended attribute holding a per-message file's SHA-256 (hex)."""
+USAGE_CACHE_S = 60.0
+"""`usage` walks every file: its answer is kept this long (`GET /api/v1/stats` may poll)."""
+_STAMP = 20  # len("20260101T000000.000Z")
+_SEGMENT_SUFFIXES = (".ndjson", ".ndjson.gz")
 _SUFFIX = ".json"
 _TEMP_SUFFIX = ".tmp"
 # Stricter than `parse_key`: only what `ReadingSet.archive_key` produces, so a key can never
@@ -96,6 +130,18 @@ def checked_key(key: str) -> tuple[str, str, int]:
     return device_id, name, epoch_us
 
 
+def _is_device_id(name: str) -> bool:
+    return DEVICE_ID_RE.fullmatch(name) is not None and name not in (".", "..")
+
+
+def _device_and_name(key: str) -> tuple[str, str]:
+    """(device_id, file name) of a per-message or segment key; ValueError otherwise."""
+    if key.endswith(_SUFFIX):
+        device_id, name, _ = checked_key(key)
+        return device_id, name
+    return checked_object_key(key)
+
+
 def checked_object_key(key: str) -> tuple[str, str]:
     """(device_id, name) of a segment object key; ValueError otherwise."""
     device_id, _, name = key.partition("/")
@@ -130,6 +176,72 @@ def _names_between(
         return heapq.nsmallest(count, names)
 
 
+@dataclass(frozen=True, slots=True)
+class _Document:
+    device_id: str
+    name: str
+    body: bytes
+    hashed: bool
+    """A per-message document (its hash is recorded); segments carry theirs in the name."""
+
+
+@dataclass(slots=True)
+class _Outcome:
+    skipped: int = 0
+    repaired: int = 0
+
+
+def read_hash(path: Path | int) -> str | None:
+    """The SHA-256 recorded on a file (`HASH_ATTRIBUTE`), None when it has none."""
+    try:
+        return os.getxattr(path, HASH_ATTRIBUTE).decode("ascii", "replace")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def segment_hash_matches(name: str, body: bytes) -> bool:
+    """Whether a segment's bytes are the content its name's hash was taken of."""
+    try:
+        content = gzip.decompress(body) if name.endswith(".gz") else body
+    except (OSError, EOFError, zlib.error):
+        return False
+    return hashlib.sha256(content).hexdigest()[:16] == name[2 * _STAMP + 2 : 2 * _STAMP + 18]
+
+
+def _intact(path: Path, *, hashed: bool) -> bool:
+    """Whether an existing archive file is whole (write-once keeps it) or was damaged by a
+    write cut short before it was durable (empty, half a gzip stream, a hash mismatch)."""
+    with open(path, "rb") as file:
+        body = file.read()
+        recorded = read_hash(file.fileno()) if hashed else None
+    if not body:
+        return False
+    if not hashed:
+        return segment_hash_matches(path.name, body)
+    if recorded is not None:
+        return hashlib.sha256(body).hexdigest() == recorded
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _expiry_stamp(name: str) -> str | None:
+    """The time (as in names) after which a file may go: a message's own, a segment's last."""
+    if name.endswith(_SUFFIX) and _NAME_RE.fullmatch(name):
+        return name[:_STAMP]
+    if name.endswith(_SEGMENT_SUFFIXES) and _OBJECT_NAME_RE.fullmatch(name):
+        return name[_STAMP + 1 : 2 * _STAMP + 1]
+    return None
+
+
+def _stamp_us(stamp: str) -> int:
+    return parse_key(f"x/{stamp}_x.json")[1]
+
+
 class LocalArchiveStore:
     """Archive in a local folder (the zero-config default)."""
 
@@ -144,6 +256,11 @@ class LocalArchiveStore:
         """
         self.root = Path(root)
         self.fsync = fsync
+        self.writes = ArchiveWrites()
+        self._xattrs = True
+        self._expiry_marks: dict[str, tuple[int, str]] = {}
+        self._usage: tuple[float, StoreUsage] | None = None
+        self._usage_lock = asyncio.Lock()
 
     @classmethod
     @asynccontextmanager
@@ -163,44 +280,86 @@ class LocalArchiveStore:
         return BackendUnavailable(f"archive folder {self.root}: {action} failed: {exc}")
 
     async def put(self, readings: Sequence[ReadingSet]) -> None:
-        """Archive each reading set under its `archive_key`; a repeated key overwrites."""
+        """Archive each reading set under its `archive_key`, write-once: a file that exists
+        keeps its bytes (the redelivery is skipped and counted in `writes`)."""
         if not readings:
             return
-        documents: list[tuple[str, str, bytes]] = []
+        documents: list[_Document] = []
         for reading in readings:
             device_id, name, _ = checked_key(reading.archive_key)
-            documents.append((device_id, name, encode_archive_document(reading)))
+            documents.append(_Document(device_id, name, encode_archive_document(reading), True))
+        await self._write(documents)
+
+    async def _write(self, documents: builtins.list[_Document]) -> None:
         try:
-            await asyncio.to_thread(self._write_all, documents)
+            outcome = await asyncio.to_thread(self._write_all, documents)
         except OSError as exc:
             raise self._error("write", exc) from exc
+        # Counted here, on the event loop: writes of concurrent batches run in other threads.
+        self.writes.skipped_existing += outcome.skipped
+        self.writes.repaired += outcome.repaired
 
-    def _write_all(self, documents: list[tuple[str, str, bytes]]) -> None:
+    def _write_all(self, documents: builtins.list[_Document]) -> _Outcome:
         self.root.mkdir(parents=True, exist_ok=True)
         folders: set[Path] = set()
-        for device_id, name, body in documents:
-            folder = self.root / device_id
+        outcome = _Outcome()
+        for document in documents:
+            folder = self.root / document.device_id
             if folder not in folders:
                 folder.mkdir(exist_ok=True)
                 folders.add(folder)
-            self._write_one(folder, name, body, sync_each=self.fsync and _syncfs is None)
+            self._write_one(folder, document, outcome, sync_each=self.fsync and _syncfs is None)
         if self.fsync:
             make_durable(self.root, folders)
+        return outcome
 
-    def _write_one(self, folder: Path, name: str, body: bytes, *, sync_each: bool) -> None:
+    def _write_one(
+        self, folder: Path, document: _Document, outcome: _Outcome, *, sync_each: bool
+    ) -> None:
         # A leading dot and another suffix keep temporary files out of every listing.
-        temporary = folder / f".{name}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
+        temporary = folder / f".{document.name}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
+        target = folder / document.name
         try:
-            with open(temporary, "wb") as file:
-                file.write(body)
+            try:
+                file = open(temporary, "wb")  # noqa: SIM115 (closed below, retried once)
+            except FileNotFoundError:
+                # `expire` removed the emptied device folder after `_write_all` made it.
+                folder.mkdir(exist_ok=True)
+                file = open(temporary, "wb")  # noqa: SIM115
+            with file:
+                file.write(document.body)
+                if document.hashed and self._xattrs:
+                    self._record_hash(file.fileno(), document.body)
                 if sync_each:
                     file.flush()
                     os.fsync(file.fileno())
-            os.replace(temporary, folder / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
+            try:
+                os.link(temporary, target)
+            except FileExistsError:
+                if _intact(target, hashed=document.hashed):
+                    outcome.skipped += 1
+                else:
+                    os.replace(temporary, target)
+                    outcome.repaired += 1
+                    logger.warning("archive file %s was damaged; replaced by a new copy", target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
-            raise
+
+    def _record_hash(self, descriptor: int, body: bytes) -> None:
+        digest = hashlib.sha256(body).hexdigest().encode()
+        try:
+            os.setxattr(descriptor, HASH_ATTRIBUTE, digest)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            self._xattrs = False
+            logger.warning(
+                "archive folder %s keeps no extended attributes (%s): files are written "
+                "without their hash, and `iotmeter archive verify` cannot check them",
+                self.root,
+                exc.strerror,
+            )
 
     async def list(
         self,
@@ -253,12 +412,11 @@ class LocalArchiveStore:
     # --- objects of the segment layout --------------------------------------------------------
 
     async def put_objects(self, objects: Iterable[tuple[str, bytes]]) -> None:
-        """Write whole objects (segment files) atomically; a repeated key overwrites."""
-        documents = [(*checked_object_key(key), body) for key, body in objects]
-        try:
-            await asyncio.to_thread(self._write_all, documents)
-        except OSError as exc:
-            raise self._error("write", exc) from exc
+        """Write whole objects (segment files) atomically and write-once: a key names its
+        content (the hash in it), so an existing one is skipped."""
+        documents = [_Document(*checked_object_key(key), body, False) for key, body in objects]
+        if documents:
+            await self._write(documents)
 
     async def list_objects(
         self, device_id: str, start_after: str, limit: int
@@ -292,6 +450,160 @@ class LocalArchiveStore:
             raise NotFound(f"no archive object {key!r}") from None
         except OSError as exc:
             raise self._error("read", exc) from exc
+
+    # --- integrity, retention and usage -------------------------------------------------------
+
+    async def read_object(self, key: str) -> StoredObject:
+        """The bytes of a message or segment object and the hash recorded with them."""
+        try:
+            device_id, name = _device_and_name(key)
+        except ValueError:
+            raise NotFound(f"no archive object {key!r}") from None
+        path = self.root / device_id / name
+
+        def read() -> StoredObject:
+            with open(path, "rb") as file:
+                return StoredObject(file.read(), read_hash(file.fileno()))
+
+        try:
+            return await asyncio.to_thread(read)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no archive object {key!r}") from None
+        except OSError as exc:
+            raise self._error("read", exc) from exc
+
+    async def devices(self) -> builtins.list[str]:
+        """Ids of the devices with a folder in the archive, sorted."""
+
+        def names() -> builtins.list[str]:
+            try:
+                entries = os.scandir(self.root)
+            except FileNotFoundError:
+                return []
+            with entries:
+                return sorted(
+                    entry.name
+                    for entry in entries
+                    if entry.is_dir(follow_symlinks=False) and _is_device_id(entry.name)
+                )
+
+        try:
+            return await asyncio.to_thread(names)
+        except OSError as exc:
+            raise self._error("listing", exc) from exc
+
+    async def expire(self, older_than_us: int, *, limit: int) -> int:
+        """Delete up to `limit` files of both layouts whose time lies before `older_than_us`
+        (a message's own time; a segment's last), and device folders left empty. Returns how
+        many files went. A device folder that has not changed since a pass found nothing to
+        delete in it is not read again until the cutoff passes its oldest file."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1 (got {limit})")
+        try:
+            return await asyncio.to_thread(self._expire, format_key_time(older_than_us), limit)
+        except OSError as exc:
+            raise self._error("expiry", exc) from exc
+
+    def _expire(self, cutoff: str, limit: int) -> int:
+        deleted = 0
+        for device_id in self._device_folders():
+            if deleted >= limit:
+                break
+            folder = self.root / device_id
+            try:
+                changed_ns = folder.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            mark = self._expiry_marks.get(device_id)
+            if mark is not None and mark[0] == changed_ns and mark[1] >= cutoff:
+                continue
+            expired, oldest_kept, remaining = self._expired_in(folder, cutoff, limit - deleted)
+            for name in expired:
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+            deleted += len(expired)
+            if not expired:
+                # Unchanged since `changed_ns` and nothing older than the cutoff: skip it
+                # until a file comes or goes, or the cutoff passes its oldest file.
+                self._expiry_marks[device_id] = (changed_ns, oldest_kept)
+            elif not remaining:
+                self._expiry_marks.pop(device_id, None)
+                # Fails (harmlessly) when a write came in meanwhile.
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        return deleted
+
+    def _device_folders(self) -> builtins.list[str]:
+        try:
+            entries = os.scandir(self.root)
+        except FileNotFoundError:
+            return []
+        with entries:
+            return [
+                entry.name
+                for entry in entries
+                if entry.is_dir(follow_symlinks=False) and _is_device_id(entry.name)
+            ]
+
+    @staticmethod
+    def _expired_in(folder: Path, cutoff: str, limit: int) -> tuple[builtins.list[str], str, bool]:
+        """(up to `limit` expired names, the oldest time kept, whether anything else is left)."""
+        expired: list[str] = []
+        oldest_kept = "\uffff"
+        remaining = False
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                stamp = _expiry_stamp(entry.name)
+                if stamp is not None and stamp < cutoff and len(expired) < limit:
+                    expired.append(entry.name)
+                    continue
+                remaining = True
+                if stamp is not None and stamp < oldest_kept:
+                    oldest_kept = stamp
+        return expired, oldest_kept, remaining
+
+    async def usage(self) -> StoreUsage:
+        """Oldest message time and disk space of both layouts, from a walk over every file
+        (kept `USAGE_CACHE_S`; about 1 s per million files on a warm cache)."""
+        async with self._usage_lock:
+            now = time.monotonic()
+            if self._usage is not None and now - self._usage[0] < USAGE_CACHE_S:
+                return self._usage[1]
+            try:
+                usage = await asyncio.to_thread(self._walk_usage)
+            except OSError as exc:
+                raise self._error("usage scan", exc) from exc
+            self._usage = (now, usage)
+            return usage
+
+    def _walk_usage(self) -> StoreUsage:
+        files = content = allocated = 0
+        oldest: str | None = None
+        for device_id in self._device_folders():
+            try:
+                entries = os.scandir(self.root / device_id)
+            except FileNotFoundError:
+                continue
+            with entries:
+                for entry in entries:
+                    if _expiry_stamp(entry.name) is None:
+                        continue
+                    try:
+                        stat = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    files += 1
+                    content += stat.st_size
+                    allocated += stat.st_blocks * 512
+                    # Both layouts' names begin with their earliest reading's time.
+                    if oldest is None or entry.name[:_STAMP] < oldest:
+                        oldest = entry.name[:_STAMP]
+        return StoreUsage(
+            oldest_us=None if oldest is None else _stamp_us(oldest),
+            bytes_used=allocated,
+            detail=f"walk of {files} files in {self.root}: {content} bytes of content, "
+            f"{allocated} allocated on disk",
+        )
 
     async def health(self) -> str | None:
         """The folder's path when a file can be written there; `BackendUnavailable` if not."""

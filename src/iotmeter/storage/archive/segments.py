@@ -27,8 +27,15 @@ from typing import Protocol
 
 from iotmeter.errors import NotFound, ValidationFailed
 from iotmeter.readings import ReadingSet, format_key_time
-from iotmeter.storage.archive.base import ArchivedMessage, ArchivePage, ArchiveStore
+from iotmeter.storage.archive.base import (
+    ArchivedMessage,
+    ArchivePage,
+    ArchiveStore,
+    ArchiveWrites,
+    StoredObject,
+)
 from iotmeter.storage.archive.document import encode_archive_document, key_bound, parse_key
+from iotmeter.storage.usage import StoreUsage
 
 _SEGMENT_NAME = re.compile(
     r"^(\d{8}T\d{6}\.\d{3}Z)_(\d{8}T\d{6}\.\d{3}Z)_[0-9a-f]{16}\.ndjson(\.gz)?$"
@@ -47,6 +54,14 @@ class ObjectStore(ArchiveStore, Protocol):
     ) -> builtins.list[str]: ...
 
     async def get_object(self, key: str) -> bytes: ...
+
+    async def read_object(self, key: str) -> StoredObject:
+        """A message or segment object's bytes with the hash recorded alongside them."""
+        ...
+
+    async def devices(self) -> builtins.list[str]:
+        """Ids of the devices that have anything archived."""
+        ...
 
 
 def _parse_time(stamp: str) -> int:
@@ -133,14 +148,34 @@ class LayeredArchive:
         self.lookback_us = lookback_us
         self._segments: OrderedDict[str, list[bytes]] = OrderedDict()
 
+    @property
+    def writes(self) -> ArchiveWrites:
+        return self.store.writes
+
     async def put(self, readings: Sequence[ReadingSet]) -> None:
+        """Per-message objects, write-once (an existing key keeps its first bytes)."""
         await self.store.put(readings)
 
     async def put_objects(self, objects: Iterable[tuple[str, bytes]]) -> None:
+        """Segment objects, write-once (the key holds the content's hash)."""
         await self.store.put_objects(objects)
 
     async def health(self) -> str | None:
         return await self.store.health()
+
+    async def usage(self) -> StoreUsage:
+        """Oldest message kept and space used, both layouts (see the backend's `usage`)."""
+        return await self.store.usage()
+
+    async def expire(self, older_than_us: int, *, limit: int) -> int:
+        """Delete up to `limit` archived objects, both layouts, whose time (a segment: its
+        last message) lies before `older_than_us`; how many went. The local folder deletes
+        them here; S3 returns 0, its bucket's lifecycle rule expires objects (set at start-up
+        from `IOTMETER_ARCHIVE_RETENTION_DAYS`)."""
+        deleted = await self.store.expire(older_than_us, limit=limit)
+        if deleted:
+            self._segments.clear()
+        return deleted
 
     async def _lines(self, object_key: str) -> builtins.list[bytes]:
         lines = self._segments.get(object_key)

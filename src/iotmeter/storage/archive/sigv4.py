@@ -5,18 +5,20 @@ maps, per-request key derivation): about 0.15 ms per PutObject, half of what the
 write path costs. This signs only `PUT /{bucket}/{key}` with the headers the archive sends
 (`content-type`, `host`, `x-amz-content-sha256`, `x-amz-date`) and derives the signing key once
 a day. tests/unit/test_sigv4.py checks it against botocore's signer header for header, and
-tests/integration/test_s3_signed_put.py against a SeaweedFS that verifies signatures.
+tests/integration/test_s3_signed_put.py against a SeaweedFS that verifies signatures (with the
+archive's extra headers, `if-none-match` and `x-amz-meta-sha256`, too:
+tests/integration/test_archive_immutable.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 _ALGORITHM = "AWS4-HMAC-SHA256"
-_SIGNED_HEADERS = "content-type;host;x-amz-content-sha256;x-amz-date"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -51,19 +53,35 @@ class PutSigner:
         return self._key
 
     def headers(
-        self, path: str, body: bytes, content_type: str, now: datetime | None = None
+        self,
+        path: str,
+        body: bytes,
+        content_type: str,
+        now: datetime | None = None,
+        *,
+        extra: Mapping[str, str] | None = None,
+        payload_hash: str | None = None,
     ) -> dict[str, str]:
-        """The request headers for `PUT path` (already URI-encoded, bucket included)."""
+        """The request headers for `PUT path` (already URI-encoded, bucket included).
+
+        `extra` headers (lower-case names, values without runs of spaces) are signed and sent
+        too; `payload_hash` is the body's SHA-256 in hex when the caller has it already."""
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
-        payload_hash = hashlib.sha256(body).hexdigest()
+        if payload_hash is None:
+            payload_hash = hashlib.sha256(body).hexdigest()
         content_type = " ".join(content_type.split())
-        canonical = (
-            f"PUT\n{path}\n\n"
-            f"content-type:{content_type}\nhost:{self._host}\n"
-            f"x-amz-content-sha256:{payload_hash}\nx-amz-date:{stamp}\n\n"
-            f"{_SIGNED_HEADERS}\n{payload_hash}"
-        )
+        signed = {
+            "content-type": content_type,
+            "host": self._host,
+            "x-amz-content-sha256": payload_hash,
+            "x-amz-date": stamp,
+            **(extra or {}),
+        }
+        names = sorted(signed)
+        signed_headers = ";".join(names)
+        canonical_headers = "".join(f"{name}:{signed[name]}\n" for name in names)
+        canonical = f"PUT\n{path}\n\n{canonical_headers}\n{signed_headers}\n{payload_hash}"
         scope = f"{day}/{self._region}/s3/aws4_request"
         string_to_sign = (
             f"{_ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
@@ -73,6 +91,7 @@ class PutSigner:
             "Content-Type": content_type,
             "X-Amz-Date": stamp,
             "X-Amz-Content-SHA256": payload_hash,
+            **(extra or {}),
             "Authorization": f"{_ALGORITHM} Credential={self._access_key}/{scope}, "
-            f"SignedHeaders={_SIGNED_HEADERS}, Signature={signature}",
+            f"SignedHeaders={signed_headers}, Signature={signature}",
         }
