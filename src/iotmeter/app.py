@@ -68,6 +68,7 @@ from iotmeter.runtime import TaskSupervisor
 from iotmeter.server import HttpProtocol, on_shutdown
 from iotmeter.services.housekeeping import run_housekeeping
 from iotmeter.services.keys import bootstrap_admin_key, record_key_use
+from iotmeter.services.lifecycle import prepare_lifecycle, run_lifecycle
 from iotmeter.simulator.publisher import plan_devices, run_simulator
 from iotmeter.state import AppState
 from iotmeter.storage.factory import open_archive, open_timeseries
@@ -137,6 +138,7 @@ async def open_state(
                 else settings.device_auth and broker.origin == "embedded"
             )
         _open_device_channel(state)
+        await prepare_lifecycle(state)
         state.health_checks.update(
             database=partial(_database_health, database),
             timeseries=timeseries.health,
@@ -269,6 +271,7 @@ def _start_tasks(state: AppState, extra_tasks: Mapping[str, BackgroundTask]) -> 
         simulator_url = settings.simulator_mqtt_url or broker.url
         supervisor.start("simulator", partial(_simulate, state, simulator_url))
     supervisor.start("housekeeping", partial(run_housekeeping, state))
+    supervisor.start("lifecycle", partial(run_lifecycle, state))
     if state.metrics is not None:
         supervisor.start("metrics-registry", state.metrics.run)
     if state.notifier is not None:

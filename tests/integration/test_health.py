@@ -69,7 +69,7 @@ async def test_ready_with_the_database_up(api: httpx.AsyncClient, settings: Sett
     assert all(item["status"] == "up" for item in body["backends"].values()), body
     # The background tasks of an app without collector: clean-ups, the alert notifier, the
     # keys' last use, and on PostgreSQL the key cache's LISTEN connection.
-    expected_tasks = {"housekeeping", "notifier", "key-use", "metrics-registry"}
+    expected_tasks = {"housekeeping", "lifecycle", "notifier", "key-use", "metrics-registry"}
     if not settings.is_sqlite:
         expected_tasks.add("key-cache")
     assert set(body["tasks"]) == expected_tasks

@@ -20,9 +20,17 @@ async def open_timeseries(settings: Settings, database: Database) -> AsyncIterat
         async with open_influx_store(settings) as influx:
             yield influx
         return
-    from iotmeter.storage.timeseries.sql import SqlTimeSeriesStore
+    from iotmeter.storage.timeseries.sql import Lifecycle, SqlTimeSeriesStore
 
-    yield SqlTimeSeriesStore(database)
+    day_us = 86_400_000_000
+    lifecycle = Lifecycle(
+        retention_us=int(settings.telemetry_retention_days * day_us) or None,
+        rollup_retention_us=int(settings.rollup_retention_days * day_us) or None,
+        rollups=settings.rollups_enabled,
+        compaction=settings.compaction_enabled,
+        partitions_ahead=settings.telemetry_partitions_ahead,
+    )
+    yield SqlTimeSeriesStore(database, lifecycle=lifecycle)
 
 
 @contextlib.asynccontextmanager

@@ -15,13 +15,22 @@ from iotmeter.db.models.device import Device
 from iotmeter.db.models.device_config import DeviceConfig
 from iotmeter.db.models.device_credential import DeviceCertificate, DeviceCredential
 from iotmeter.db.models.device_series import DeviceSeries
-from iotmeter.db.models.telemetry import LatestPoint, TelemetryPoint
+from iotmeter.db.models.telemetry import (
+    CompactChunk,
+    HourRollup,
+    LatestPoint,
+    MinuteRollup,
+    RollupDirty,
+    RollupState,
+    TelemetryPoint,
+)
 
 __all__ = [
     "AlertRule",
     "AlertRuleState",
     "ApiKey",
     "AuditEntry",
+    "CompactChunk",
     "DeadLetter",
     "DeliveryAttempt",
     "Device",
@@ -30,8 +39,12 @@ __all__ = [
     "DeviceConfig",
     "DeviceCredential",
     "DeviceSeries",
+    "HourRollup",
     "LatestPoint",
+    "MinuteRollup",
     "Notification",
     "NotificationChannel",
+    "RollupDirty",
+    "RollupState",
     "TelemetryPoint",
 ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from iotmeter.readings import ReadingSet
+from iotmeter.storage.usage import StoreUsage
 
 Aggregate = Literal["mean", "min", "max", "sum", "count", "first", "last"]
 AGGREGATES: tuple[Aggregate, ...] = ("mean", "min", "max", "sum", "count", "first", "last")
@@ -62,6 +63,23 @@ class TimeSeriesStore(Protocol):
         """The newest point of each field of each device (devices without data are absent)."""
         ...
 
+    async def usage(self) -> StoreUsage:
+        """The oldest data kept and the space used (for `GET /api/v1/stats`)."""
+        ...
+
     async def health(self) -> str | None:
         """A short detail when reachable; raises `BackendUnavailable` when not."""
+        ...
+
+
+@runtime_checkable
+class MaintainedStore(Protocol):
+    """A store whose data the lifecycle task keeps: partitions, retention, rollups."""
+
+    async def prepare(self) -> None:
+        """At start-up, before the first write."""
+        ...
+
+    async def maintain(self, *, budget_s: float) -> int:
+        """One round of upkeep taking about `budget_s` at most; the rows expired."""
         ...
