@@ -4,7 +4,8 @@ Set `IOTMETER_TEST_INFLUX_URL` and `IOTMETER_TEST_INFLUX_TOKEN` (and optionally
 `IOTMETER_TEST_INFLUX_ORG` / `IOTMETER_TEST_INFLUX_BUCKET`, default iot-org / iot-metrics; the
 bucket must exist and the token must read, write and delete in it). Each test writes under its
 own device ids (and, where field types matter, its own field names) and deletes its points
-afterwards, so runs do not see each other.
+afterwards, so runs do not see each other. The bucket-creation test makes (and deletes) its own
+bucket `iotmeter-live-<run id>`: it needs a token that may create and delete buckets in the org.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
+import aiohttp
 import pytest
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
@@ -27,6 +29,8 @@ from iotmeter.storage.timeseries.influx import (
     InfluxUnavailable,
 )
 from tests.fixtures.readings import HOUR_US, MINUTE_US, SECOND_US, reading
+
+DAY_S = 86_400
 
 URL = os.environ.get("IOTMETER_TEST_INFLUX_URL", "")
 TOKEN = os.environ.get("IOTMETER_TEST_INFLUX_TOKEN", "")
@@ -245,3 +249,37 @@ async def test_a_wrong_token_is_unavailable_and_says_so() -> None:
         assert caught.value.status == 401
     finally:
         await store.aclose()
+
+
+async def _delete_bucket(name: str) -> None:
+    headers = {"Authorization": f"Token {TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.get(
+            f"{URL}/api/v2/buckets", params={"name": name, "org": ORG}
+        ) as response:
+            found = (await response.json()).get("buckets") or []
+        for bucket in found:
+            async with session.delete(f"{URL}/api/v2/buckets/{bucket['id']}") as response:
+                assert response.status == 204, await response.text()
+
+
+async def test_a_missing_bucket_is_created_with_the_retention_period(run_id: str) -> None:
+    name = f"iotmeter-live-{run_id}"
+    store = InfluxTimeSeriesStore(URL, TOKEN, ORG, name, timeout=10.0)
+    try:
+        assert await store.ensure_bucket(2) == "created", (
+            "the bucket was not created: this test needs a token that may create buckets"
+        )
+        assert store.retention_s == 2 * DAY_S
+        # The next start finds it; another setting is reported, never applied.
+        assert await store.ensure_bucket(2) == "matches"
+        assert await store.ensure_bucket(3) == "differs"
+        assert store.retention_s == 2 * DAY_S
+        written_us = (time.time_ns() // 1000 - HOUR_US) // SECOND_US * SECOND_US
+        await store.write([reading("live-retention", written_us, {"t": 1.0, "on": True})])
+        usage = await store.usage()
+        assert usage.oldest_us == written_us
+        assert usage.bytes_used is None
+    finally:
+        await store.aclose()
+        await _delete_bucket(name)

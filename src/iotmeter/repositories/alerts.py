@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotmeter.db.base import rowcount
 from iotmeter.db.models import DeviceAlert
 
 
@@ -87,3 +88,21 @@ class AlertRepository:
             .group_by(DeviceAlert.severity)
         )
         return {str(key): int(count) for key, count in rows}
+
+    async def delete_resolved_before(self, cutoff: datetime, *, limit: int) -> int:
+        """Delete at most `limit` alerts resolved before `cutoff`; the number deleted.
+
+        Only `resolved` ones: an active or acknowledged alert is never deleted, whatever its
+        age. Nothing references an alert by foreign key (notifications keep their own copy of
+        the alert in their payload), so a deleted alert leaves nothing dangling that breaks.
+        """
+        chosen = (
+            select(DeviceAlert.id)
+            .where(DeviceAlert.status == "resolved", DeviceAlert.resolved_at < cutoff)
+            .limit(limit)
+        )
+        result = await self.session.execute(
+            delete(DeviceAlert).where(DeviceAlert.id.in_(chosen.scalar_subquery())),
+            execution_options={"synchronize_session": False},
+        )
+        return rowcount(result)

@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from datetime import datetime, timedelta
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from iotmeter.api.deps import SessionDep, StateDep
+from iotmeter.config import env_name
 from iotmeter.db.base import utcnow
-from iotmeter.db.models import AlertRule, Notification
+from iotmeter.db.models import AlertRule, DeadLetter, DeviceAlert, Notification
+from iotmeter.errors import IotmeterError
 from iotmeter.repositories.alerts import AlertRepository
 from iotmeter.repositories.device_channel import ChannelRepository
 from iotmeter.repositories.devices import DeviceRepository
 from iotmeter.state import AppState
+from iotmeter.storage.usage import StoreUsage
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["stats"])
 STALL_SHOWN_AFTER_S = 5.0
+STORAGE_CACHE_S = 30.0
+"""How long the storage figures are reused: measuring them lists objects and asks SQL for
+sizes, which a dashboard polling every few seconds must not repeat each time."""
+STORAGE_TIMEOUT_S = 10.0
+"""Longest wait for one store's figures; a store that takes longer shows an error instead."""
 
 
 class DeviceStats(BaseModel):
@@ -117,6 +134,35 @@ class DeviceChannelStats(BaseModel):
     )
 
 
+class StoreUsageStats(BaseModel):
+    """What one store keeps: the oldest data, the space it takes, how long it keeps data."""
+
+    oldest_at: datetime | None = Field(
+        description="Time of the oldest data kept (readings: their device time; dead letters: "
+        "when received; alerts: when raised); null when empty or not known."
+    )
+    bytes_used: int | None = Field(description="Space used in bytes; null when not known.")
+    retention_days: float | None = Field(
+        description="The retention setting in days; null when data is kept forever."
+    )
+    records: int | None = Field(
+        default=None, description="Rows kept (dead letters, alerts); null for the other stores."
+    )
+    detail: str | None = Field(
+        description="How the figures were obtained, or the error when the store did not answer."
+    )
+
+
+class StorageStats(BaseModel):
+    measured_at: datetime = Field(
+        description=f"When the figures were measured: they are reused for {STORAGE_CACHE_S:g} s."
+    )
+    timeseries: StoreUsageStats
+    archive: StoreUsageStats
+    dead_letters: StoreUsageStats
+    alerts: StoreUsageStats
+
+
 class Stats(BaseModel):
     started_at: datetime
     devices: DeviceStats
@@ -127,6 +173,7 @@ class Stats(BaseModel):
     spool: SpoolStats | None
     active_alerts_by_severity: dict[str, int]
     backends: dict[str, str]
+    storage: StorageStats
 
 
 def _spool_stats(state: AppState) -> SpoolStats | None:
@@ -154,6 +201,155 @@ def _spool_stats(state: AppState) -> SpoolStats | None:
         quarantined_records_lost=spool.quarantine.records_lost,
         client_id=intake.client_id,
     )
+
+
+# --- Storage: per store, the oldest data kept and the space used (cached) --------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _retention(days: float) -> float | None:
+    return days if days > 0 else None
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {STORAGE_TIMEOUT_S:g} s"
+    if isinstance(exc, IotmeterError):
+        return f"unavailable: {exc.message}"
+    return f"failed: {type(exc).__name__}: {exc}"
+
+
+async def _store_figures(
+    name: str, usage: Callable[[], Awaitable[StoreUsage]], retention_days: float
+) -> StoreUsageStats:
+    """A store's own figures; null ones, with the error in `detail`, when it fails."""
+    retention = _retention(retention_days)
+    try:
+        measured = await asyncio.wait_for(usage(), STORAGE_TIMEOUT_S)
+    except Exception as exc:
+        if isinstance(exc, IotmeterError | TimeoutError):
+            logger.warning("stats: the %s store's usage: %s", name, _failure(exc))
+        else:
+            logger.exception("stats: the %s store's usage failed", name)
+        return StoreUsageStats(
+            oldest_at=None, bytes_used=None, retention_days=retention, detail=_failure(exc)
+        )
+    oldest = measured.oldest_us
+    return StoreUsageStats(
+        oldest_at=None if oldest is None else _EPOCH + timedelta(microseconds=oldest),
+        bytes_used=measured.bytes_used,
+        retention_days=retention,
+        detail=measured.detail,
+    )
+
+
+async def _table_size(session: AsyncSession, table: str) -> tuple[int | None, str | None]:
+    """Bytes of a table and its indexes: PostgreSQL's `pg_total_relation_size`, SQLite's
+    `dbstat` (when compiled in)."""
+    if session.get_bind().dialect.name == "postgresql":
+        size = await session.scalar(
+            text("SELECT pg_total_relation_size(CAST(:table AS regclass))"), {"table": table}
+        )
+        return (None if size is None else int(size)), "table and indexes"
+    try:
+        async with session.begin_nested():
+            size = await session.scalar(
+                text(
+                    "SELECT sum(pgsize) FROM dbstat WHERE name IN "
+                    "(SELECT name FROM sqlite_master WHERE tbl_name = :table)"
+                ),
+                {"table": table},
+            )
+    except (OperationalError, DBAPIError):
+        return None, "SQLite without dbstat: one table's size is not known"
+    return int(size or 0), "table and indexes"
+
+
+async def _table_figures(
+    state: AppState,
+    table: str,
+    oldest_column: InstrumentedAttribute[datetime],
+    retention_days: float,
+    note: str,
+) -> StoreUsageStats:
+    """Rows, the oldest `oldest_column` and the size of one table of the database."""
+    retention = _retention(retention_days)
+    try:
+        async with state.database.transaction() as session:
+            row = (await session.execute(select(func.count(), func.min(oldest_column)))).one()
+            size, how = await _table_size(session, table)
+    except Exception as exc:
+        logger.warning("stats: the %s figures: %s", table, exc)
+        return StoreUsageStats(
+            oldest_at=None, bytes_used=None, retention_days=retention, detail=_failure(exc)
+        )
+    count, oldest = row
+    return StoreUsageStats(
+        oldest_at=oldest,
+        bytes_used=size,
+        retention_days=retention,
+        records=int(count),
+        detail=f"{how}; {note}" if how else note,
+    )
+
+
+async def measure_storage(state: AppState) -> StorageStats:
+    """Every store's figures, measured concurrently; a store that fails gives null figures."""
+    settings = state.settings
+    timeseries, archive, dead_letters, alerts = await asyncio.gather(
+        _store_figures("time-series", state.timeseries.usage, settings.telemetry_retention_days),
+        _store_figures("archive", state.archive.usage, settings.archive_retention_days),
+        _table_figures(
+            state,
+            DeadLetter.__tablename__,
+            DeadLetter.received_at,
+            settings.dead_letter_retention_days,
+            f"also at most {settings.dead_letter_max_rows} kept "
+            f"({env_name('dead_letter_max_rows')})",
+        ),
+        _table_figures(
+            state,
+            DeviceAlert.__tablename__,
+            DeviceAlert.created_at,
+            settings.resolved_alert_retention_days,
+            "the retention applies to resolved alerts (from their resolution); active and "
+            "acknowledged ones are kept",
+        ),
+    )
+    return StorageStats(
+        measured_at=utcnow(),
+        timeseries=timeseries,
+        archive=archive,
+        dead_letters=dead_letters,
+        alerts=alerts,
+    )
+
+
+@dataclasses.dataclass
+class _StorageCache:
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    figures: StorageStats | None = None
+    measured_at: float = 0.0
+    """`time.monotonic()` of the measurement."""
+
+
+_storage_caches: dict[int, _StorageCache] = {}
+"""Per app state (by id; an entry leaves with its state): tests run several apps at once."""
+
+
+async def storage_stats(state: AppState) -> StorageStats:
+    """The storage figures, measured at most once per `STORAGE_CACHE_S` per app: concurrent
+    requests wait for one measurement rather than starting their own."""
+    cache = _storage_caches.get(id(state))
+    if cache is None:
+        cache = _storage_caches[id(state)] = _StorageCache()
+        weakref.finalize(state, _storage_caches.pop, id(state), None)
+    async with cache.lock:
+        if cache.figures is None or time.monotonic() - cache.measured_at >= STORAGE_CACHE_S:
+            cache.figures = await measure_storage(state)
+            cache.measured_at = time.monotonic()
+        return cache.figures
 
 
 class DeviceCounts(BaseModel):
@@ -236,7 +432,8 @@ async def _channel_stats(state: AppState, session: AsyncSession) -> DeviceChanne
 @router.get("/stats", summary="System statistics")
 async def stats(state: StateDep, session: SessionDep) -> Stats:
     """Devices, ingestion counters since start (messages = MQTT messages; readings = reading
-    sets, a batch message holds several), active alerts and the backends in use."""
+    sets, a batch message holds several), active alerts, the backends in use and what each
+    store keeps (measured at most every 30 s)."""
     devices = DeviceRepository(session)
     by_type = await devices.count_by_type()
     window = state.settings.online_window_s
@@ -275,4 +472,5 @@ async def stats(state: StateDep, session: SessionDep) -> Stats:
             "archive": state.archive.backend,
             "mqtt": state.broker.describe() if state.broker else "off",
         },
+        storage=await storage_stats(state),
     )

@@ -12,6 +12,10 @@ bucket holding boolean and float fields never mixes them in one table:
 - `latest_query`: the same filter over the device ids, `last()` per series, keeping device_id.
   The store picks the newest point per device and field (a device whose `device_type` tag
   changed has two series per field).
+- `oldest_query`: from |> range(1970 .. 2262) |> filter(measurement) |> first()
+  |> keep(_time) |> group() |> min(column: "_time"): one row. `first()` right after `filter` is
+  pushed down to storage (one point per series and shard, no scan of the data); dropping
+  `_value` before `group()` lets float and boolean series meet in one table.
 
 Booleans are converted with `toFloat()` before mean/min/max/sum only; count/first/last accept
 them as they are (the store turns the returned booleans into 1.0/0.0).
@@ -101,6 +105,19 @@ def range_query(bucket: str, query: SeriesQuery, *, measurement: str = MEASUREME
         )
     steps.append('keep(columns: ["_time", "_field", "_value"])')
     steps.append(f"limit(n: {int(query.limit)})")
+    return "\n  |> ".join(steps) + "\n"
+
+
+def oldest_query(bucket: str, *, measurement: str = MEASUREMENT) -> str:
+    """The time of the oldest point of the measurement: one row, or none when it is empty.
+
+    The range starts at the epoch: ingest refuses readings dated before 1970."""
+    steps = _source(bucket, 0, _MAX_US)
+    steps.append(f"filter(fn: (r) => r._measurement == {flux_string(measurement)})")
+    steps.append("first()")
+    steps.append('keep(columns: ["_time"])')
+    steps.append("group()")
+    steps.append('min(column: "_time")')
     return "\n  |> ".join(steps) + "\n"
 
 

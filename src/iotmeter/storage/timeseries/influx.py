@@ -13,6 +13,12 @@ Errors leave this module as the project's own:
   batch in halves until each refused reading set stands alone, writes every other one, then raises
   with the refused ones only (`rejected=[(reading, message), ...]`) for the dead-letter store.
 - `InfluxQueryFailed`: InfluxDB refused a query (a Flux error); retrying would not help.
+
+Retention is the bucket's own (InfluxDB expires whole shard groups): at open, `ensure_bucket`
+looks the bucket up and creates it, when missing and the token may, with
+`IOTMETER_TELEMETRY_RETENTION_DAYS` as its retention period. An existing bucket is never changed:
+a retention that differs from the setting is logged with the `influx` command that changes it.
+A token that may not list or create buckets only loses that check (logged); writes go on.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from influxdb_client.client.flux_csv_parser import FluxCsvParserException, FluxQueryException
@@ -47,9 +53,11 @@ from iotmeter.storage.timeseries.base import SeriesPoint, SeriesQuery
 from iotmeter.storage.timeseries.flux import (
     DEFAULT_LATEST_LOOKBACK_US,
     latest_query,
+    oldest_query,
     range_query,
 )
 from iotmeter.storage.timeseries.line_protocol import MEASUREMENT, WRITE_PRECISION, encode_line
+from iotmeter.storage.usage import StoreUsage
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,14 @@ MAX_LINES_PER_REQUEST = 5000
 """InfluxDB's advice for batch size; larger batches are sent as several requests."""
 LATEST_DEVICES_PER_QUERY = 200
 """Devices per `latest` query: keeps the Flux filter (one `or` per device) small."""
+
+MIN_RETENTION_S = 3600
+"""InfluxDB refuses a bucket retention period shorter than one hour."""
+NO_SIZE_DETAIL = "InfluxDB's OSS API does not report a bucket's size"
+
+BucketCheck = Literal["created", "matches", "differs", "unchecked"]
+"""What `ensure_bucket` found: it made the bucket; the bucket's retention is the setting's; it
+differs (a warning was logged); or it could not look or create (logged)."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _REFUSED_STATUSES = frozenset({400, 413, 422})
@@ -154,6 +170,41 @@ def _epoch_us(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
+def retention_seconds(days: float) -> int:
+    """A bucket's `everySeconds` for a retention in days: 0 keeps data forever; InfluxDB's
+    minimum (one hour) otherwise."""
+    if days <= 0:
+        return 0
+    return max(MIN_RETENTION_S, round(days * 86_400))
+
+
+def describe_retention(seconds: int) -> str:
+    """`forever`, `for 30 days`, `for 36 hours`."""
+    if seconds <= 0:
+        return "forever"
+    if seconds % 86_400 == 0:
+        return f"for {seconds // 86_400} days"
+    return f"for {seconds / 3600:g} hours"
+
+
+def cli_duration(seconds: int) -> str:
+    """A duration the `influx` CLI takes (`--retention`): `0` (forever), `30d`, `36h`, `90s`."""
+    if seconds <= 0:
+        return "0"
+    for unit, size in (("d", 86_400), ("h", 3600)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _bucket_retention(bucket: dict[str, Any]) -> int:
+    """`everySeconds` of the bucket's `expire` rule; 0 (forever) without one."""
+    for rule in bucket.get("retentionRules") or []:
+        if isinstance(rule, dict) and rule.get("type", "expire") == "expire":
+            return int(rule.get("everySeconds") or 0)
+    return 0
+
+
 def _as_float(value: Any) -> float:
     if isinstance(value, bool):
         return 1.0 if value else 0.0
@@ -197,6 +248,9 @@ class InfluxTimeSeriesStore:
         self._query_api: Any = self._client.query_api()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
         self._closed = False
+        self.retention_s: int | None = None
+        """The bucket's retention period as `ensure_bucket` found or made it (0: forever;
+        None: not known)."""
 
     async def aclose(self) -> None:
         """Close both HTTP sessions; safe to call twice."""
@@ -404,6 +458,193 @@ class InfluxTimeSeriesStore:
             await self._run(flux, keep_newest)
         return latest
 
+    # --- The bucket and its retention ------------------------------------------------------
+
+    async def _api(
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> tuple[int, Any, str]:
+        """(status, decoded JSON body or None, error message) of a management API call."""
+        try:
+            async with self._session.request(
+                method, f"{self.url}{path}", params=params, json=body, headers=self._auth
+            ) as response:
+                status = response.status
+                payload = await response.read()
+                reason = response.reason
+        except _UNREACHABLE as exc:
+            raise self._unreachable(operation, exc) from exc
+        try:
+            decoded = json.loads(payload) if payload else None
+        except ValueError:
+            decoded = None
+        return status, decoded, _error_message(payload, reason or f"HTTP {status}")
+
+    async def _find_bucket(self) -> dict[str, Any] | None:
+        """The bucket as `GET /api/v2/buckets` describes it; None when the token sees none."""
+        operation = "bucket lookup"
+        status, decoded, message = await self._api(
+            "GET", "/api/v2/buckets", operation, params={"name": self.bucket, "org": self.org}
+        )
+        if status != 200:
+            raise self._unavailable_for_status(operation, status, message, None)
+        buckets = decoded.get("buckets") if isinstance(decoded, dict) else None
+        for bucket in buckets or []:
+            if isinstance(bucket, dict) and bucket.get("name") == self.bucket:
+                return bucket
+        return None
+
+    async def _create_bucket(self, retention_s: int) -> tuple[int, str]:
+        """POST the bucket (its org's id first); (status, message) of the creation."""
+        operation = "organisation lookup"
+        status, decoded, message = await self._api(
+            "GET", "/api/v2/orgs", operation, params={"org": self.org}
+        )
+        orgs = decoded.get("orgs") if isinstance(decoded, dict) and status == 200 else None
+        org_id = next(
+            (org.get("id") for org in orgs or [] if isinstance(org, dict) and org.get("id")), None
+        )
+        if org_id is None:
+            if status == 200:
+                return 404, f'organization name "{self.org}" not found'
+            return status, message
+        rules = [{"type": "expire", "everySeconds": retention_s}] if retention_s else []
+        status, _, message = await self._api(
+            "POST",
+            "/api/v2/buckets",
+            "bucket creation",
+            body={
+                "orgID": str(org_id),
+                "name": self.bucket,
+                "retentionRules": rules,
+                "description": "iotmeter readings",
+            },
+        )
+        return status, message
+
+    async def ensure_bucket(self, retention_days: float) -> BucketCheck:
+        """Make sure the bucket exists: create it with this retention when missing (and the
+        token may); log when an existing one keeps data for another period. Never raises for
+        InfluxDB's answers: a store whose token may only write still works."""
+        wanted_s = retention_seconds(retention_days)
+        setting = env_name("telemetry_retention_days")
+        if 0 < retention_days * 86_400 < MIN_RETENTION_S:
+            logger.warning(
+                "%s=%g is shorter than InfluxDB's minimum retention; one hour is used for a "
+                "new bucket",
+                setting,
+                retention_days,
+            )
+        try:
+            found = await self._find_bucket()
+        except InfluxUnavailable as exc:
+            if exc.status in (401, 403):
+                logger.warning(
+                    "%s: the token may not list buckets (HTTP %s), so iotmeter neither checks "
+                    "nor sets the bucket's retention; readings are written as usual if the "
+                    "token may write to the bucket",
+                    self._where(),
+                    exc.status,
+                )
+            else:
+                logger.warning(
+                    "%s: the bucket and its retention were not checked at start-up: %s",
+                    self._where(),
+                    exc.message,
+                )
+            return "unchecked"
+        if found is None:
+            return await self._create_missing(wanted_s)
+        current_s = _bucket_retention(found)
+        self.retention_s = current_s
+        if current_s == wanted_s:
+            logger.info("%s keeps data %s", self._where(), describe_retention(current_s))
+            return "matches"
+        logger.warning(
+            "%s keeps data %s but %s=%g asks to keep it %s; iotmeter does not change an existing "
+            "bucket's retention. To apply the setting run `influx bucket update --id %s "
+            "--retention %s`, or set %s to match the bucket",
+            self._where(),
+            describe_retention(current_s),
+            setting,
+            retention_days,
+            describe_retention(wanted_s),
+            found.get("id", "<bucket id>"),
+            cli_duration(wanted_s),
+            setting,
+        )
+        return "differs"
+
+    async def _create_missing(self, retention_s: int) -> BucketCheck:
+        try:
+            status, message = await self._create_bucket(retention_s)
+        except InfluxUnavailable as exc:
+            logger.warning(
+                "%s: the bucket was not found and could not be created: %s",
+                self._where(),
+                exc.message,
+            )
+            return "unchecked"
+        if status in (200, 201):
+            self.retention_s = retention_s
+            logger.info(
+                "%s: created the bucket, keeping data %s (%s)",
+                self._where(),
+                describe_retention(retention_s),
+                env_name("telemetry_retention_days"),
+            )
+            return "created"
+        create = (
+            f"`influx bucket create --name {self.bucket} --org {self.org} "
+            f"--retention {cli_duration(retention_s)}`"
+        )
+        if status in (401, 403):
+            logger.warning(
+                "%s: the token does not see the bucket and may not create it (HTTP %d: %s). "
+                "If the bucket exists, readings are written as usual (its retention is not "
+                "checked); if not, create it with %s",
+                self._where(),
+                status,
+                message,
+                create,
+            )
+        elif status == 422 and "already exists" in message:
+            # The bucket exists but this token may not read it, or another process made it.
+            logger.info(
+                "%s: the bucket exists (%s); its retention is not checked", self._where(), message
+            )
+        else:
+            logger.warning(
+                "%s: the bucket was not found and could not be created (HTTP %d: %s); create "
+                "it with %s",
+                self._where(),
+                status,
+                message,
+                create,
+            )
+        return "unchecked"
+
+    async def usage(self) -> StoreUsage:
+        """The oldest reading's time (one Flux query answering one row); no size: InfluxDB's
+        OSS API does not report one."""
+        oldest: list[int] = []
+
+        def keep_time(record: Any) -> None:
+            moment = record.get_time()
+            if moment is not None:
+                oldest.append(_epoch_us(moment))
+
+        await self._run(oldest_query(self.bucket, measurement=self.measurement), keep_time)
+        detail = NO_SIZE_DETAIL
+        if self.retention_s is not None:
+            detail += f"; the bucket keeps data {describe_retention(self.retention_s)}"
+        return StoreUsage(min(oldest) if oldest else None, None, detail)
+
     async def health(self) -> str | None:
         """`influxdb <version>` when `/health` says pass; `InfluxUnavailable` otherwise."""
         try:
@@ -440,6 +681,7 @@ async def open_influx_store(
         timeout=request_timeout_s,
     )
     try:
+        await store.ensure_bucket(settings.telemetry_retention_days)
         yield store
     finally:
         await store.aclose()
