@@ -144,6 +144,12 @@ async def test_rollup_answers_equal_raw_answers(stores: Stores, seed: int, mode:
         stores.clock.now_us = batch[-1].epoch_us + SECOND_US
         await stores.rolled.write(batch)
     await settle(stores, T0 + span_us + SETTLE_US + 2 * MINUTE_US)
+    await compare_random_queries(stores, rng, devices, span_us)
+
+
+async def compare_random_queries(
+    stores: Stores, rng: random.Random, devices: list[str], span_us: int
+) -> None:
     used_before = stores.rolled.rollup_queries
     for _ in range(25):
         every = rng.choice(EVERY)
@@ -226,3 +232,29 @@ async def test_rollups_stay_at_most_two_minutes_behind(stores: Stores) -> None:
             await stores.rolled.maintain(budget_s=30)
             coverage = await stores.rolled.rollup_coverage()
             assert stores.clock.now_us - coverage["1m"].until_us <= 2 * MINUTE_US
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_rollups_begun_mid_hour_over_older_data(stores: Stores, seed: int) -> None:
+    """An existing store gets rollups in the middle of an hour: the readings from before are
+    backfilled, the hour the rollups began in is completed once its minutes are, and the
+    readings after arrive live."""
+    rng = random.Random(100 + seed)
+    devices = [f"mid-{seed}-{n}" for n in range(2)]
+    span_us = 3 * HOUR_US
+    readings = sorted(random_readings(rng, devices, span_us), key=lambda item: item.epoch_us)
+    begin = T0 + HOUR_US + rng.randrange(1, 59) * MINUTE_US
+    older = [item for item in readings if item.epoch_us < begin - SETTLE_US]
+    newer = [item for item in readings if item.epoch_us >= begin - SETTLE_US]
+    # Written before the rollups existed: a fresh database's state, then a store without them.
+    await empty_tables(stores.rolled.database.engine.url.render_as_string(hide_password=False))
+    stores.clock.now_us = begin
+    await stores.raw.write(older)
+    await stores.rolled.prepare()
+    for item in newer:
+        stores.clock.now_us = max(stores.clock.now_us, item.epoch_us + SECOND_US)
+        await stores.rolled.write([item])
+        if rng.random() < 0.05:
+            await stores.rolled.maintain(budget_s=30)
+    await settle(stores, T0 + span_us + SETTLE_US + 2 * MINUTE_US)
+    await compare_random_queries(stores, rng, devices, span_us)

@@ -223,11 +223,15 @@ class Rollups:
             minute, hour = coverage.get("1m"), coverage.get("1h")
             if minute is None or hour is None:
                 return True
+            hour_floor = (
+                UNBOUNDED_US if minute.from_us == UNBOUNDED_US else ceil_to(minute.from_us, HOUR_US)
+            )
             return (
                 marked is not None
                 or minute.until_us < target
                 or hour.until_us < floor_to(minute.until_us, HOUR_US)
                 or minute.from_us > UNBOUNDED_US
+                or hour_floor < hour.from_us <= floor_to(minute.until_us, HOUR_US)
             )
 
     async def run_once(self, *, budget_s: float = 5.0, oldest_us: int | None = None) -> int:
@@ -255,37 +259,37 @@ class Rollups:
                     await self._set(connection, "1h:until", stop)
                     continue
                 if minute.from_us > UNBOUNDED_US:
-                    written += await self._backfill(connection, minute, hour, oldest_us)
+                    written += await self._backfill(connection, minute, oldest_us)
+                    continue
+                # Hours before the hourly coverage, once their minutes are all computed:
+                # the hour the coverage began in, and the hours the backfill reached.
+                hour_floor = (
+                    UNBOUNDED_US
+                    if minute.from_us == UNBOUNDED_US
+                    else ceil_to(minute.from_us, HOUR_US)
+                )
+                if hour_floor < hour.from_us <= floor_to(minute.until_us, HOUR_US):
+                    written += await self._compute_range(connection, HOUR, hour_floor, hour.from_us)
+                    await self._set(connection, "1h:from", hour_floor)
                     continue
             break
         return written
 
     async def _backfill(
-        self,
-        connection: AsyncConnection,
-        minute: Coverage,
-        hour: Coverage,
-        oldest_us: int | None,
+        self, connection: AsyncConnection, minute: Coverage, oldest_us: int | None
     ) -> int:
-        """Extend the coverage back over readings written before it began (the store's
-        data from before the rollups, a seeded history): the hour of the newest older reading
-        at a time; with none left, the coverage starts at the beginning of time (a reading
-        written there later is late, so it marks its minute)."""
+        """Extend the minute coverage back over readings written before it began (the
+        store's data from before the rollups, a seeded history): the hour of the newest older
+        reading at a time; with none left, the coverage starts at the beginning of time (a
+        reading written there later is late, so it marks its minute). The hours follow in
+        `run_once`."""
         newest_older = await self._newest_before(connection, minute.from_us)
         if newest_older is None or (oldest_us is not None and newest_older < oldest_us):
-            start = UNBOUNDED_US
-            written = 0
-        else:
-            start = floor_to(newest_older, HOUR_US)
-            written = await self._compute_range(
-                connection, MINUTE, start, minute.from_us, older=True
-            )
+            await self._set(connection, "1m:from", UNBOUNDED_US)
+            return 0
+        start = floor_to(newest_older, HOUR_US)
+        written = await self._compute_range(connection, MINUTE, start, minute.from_us, older=True)
         await self._set(connection, "1m:from", start)
-        hour_start = UNBOUNDED_US if start == UNBOUNDED_US else ceil_to(start, HOUR_US)
-        if hour_start < hour.from_us:
-            if hour_start > UNBOUNDED_US:
-                written += await self._compute_range(connection, HOUR, hour_start, hour.from_us)
-            await self._set(connection, "1h:from", hour_start)
         return written
 
     async def _newest_before(self, connection: AsyncConnection, before_us: int) -> int | None:
