@@ -2,8 +2,10 @@
 
 On PostgreSQL `telemetry` becomes a table partitioned by range of `epoch_us`: the table as it
 was is attached, unchanged and without a copy, as `telemetry_history` for every time before
-the first whole day after its newest row; the app creates the daily partitions after it
-(`iotmeter.storage.timeseries.partitions`). The rollup tables are partitioned the same way.
+the first whole day after its newest row (an empty table: a week before today); the app
+creates the hourly partitions after it (`iotmeter.storage.timeseries.partitions`), and
+compacts closed hours into `telemetry_compact`. The rollup and compacted tables are
+partitioned by day the same way.
 A BRIN index on the time finds a window's rows for the rollups and for retention (a few pages
 per partition; the primary key starts with the device). SQLite keeps plain tables with a
 B-tree index on the time.
@@ -108,13 +110,19 @@ def upgrade() -> None:
             )
             op.create_index(op.f(f"ix_{name}_bucket_us"), name, ["bucket_us"])
         return
-    # The first day the app's daily partitions may start: after today and after every row.
+    # Where the app's partitions start. An existing table becomes the history partition
+    # as it is, so they start after its newest row and today. An empty one: a week back, so
+    # that readings of the last days written later (an import, a replay) are partitioned by
+    # hour and compacted like live ones; older ones go to the history partition.
     bind = op.get_bind()
     newest = bind.execute(sa.text("SELECT max(epoch_us) FROM telemetry")).scalar()
     now_us = bind.execute(
         sa.text("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
     ).scalar_one()
-    first_day_us = (max(now_us, newest if newest is not None else now_us) // DAY_US + 1) * DAY_US
+    if newest is None:
+        first_day_us = (now_us // DAY_US - 7) * DAY_US
+    else:
+        first_day_us = (max(now_us, newest) // DAY_US + 1) * DAY_US
     op.execute("ALTER TABLE telemetry RENAME TO telemetry_history")
     op.execute(
         "ALTER TABLE telemetry_history RENAME CONSTRAINT pk_telemetry TO pk_telemetry_history"
