@@ -127,6 +127,7 @@ HARNESS_WORKER = (str(Path(__file__).resolve()), "--worker")
 RESULTS = ROOT / "bench" / "results"
 PROBE_DEVICE = "bench-probe"
 HISTORY_DEVICES = 100  # devices with a seeded past hour for the API's telemetry test
+HISTORY_30D_DEVICES = 10  # devices with 30 seeded days (10 s readings) for the 30 d / 1 h query
 SAMPLE_INTERVAL_S = 0.5
 S3_ACCESS_KEY = "iotmeter-bench"
 S3_SECRET_KEY = "iotmeter-bench-secret"
@@ -2556,6 +2557,33 @@ async def settle(app: App, device: str, within: float = 60.0) -> float:
     return time.monotonic() - started
 
 
+async def wait_for_rollups(database_url: str, within_s: float = 900.0) -> float | None:
+    """Seconds until the app's rollups cover the seeded history (their coverage reaches back
+    to the beginning of time and no minute is marked); None when the app keeps no rollups
+    (disabled, an older `--app-ref`) or they did not catch up in time."""
+    import asyncpg
+
+    started = time.monotonic()
+    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        while time.monotonic() - started < within_s:
+            try:
+                start = await connection.fetchval(
+                    "SELECT done_until_us FROM telemetry_rollup_state WHERE name = '1h:from'"
+                )
+                marked = await connection.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM telemetry_rollup_dirty)"
+                )
+            except asyncpg.UndefinedTableError:
+                return None
+            if start is not None and start <= -(2**62) and not marked:
+                return round(time.monotonic() - started, 1)
+            await asyncio.sleep(1)
+    finally:
+        await connection.close()
+    return None
+
+
 async def api_phase(run: Run, app: App) -> dict[str, Any]:
     args = run.args
     registered = max(args.devices, args.devices_registered)
@@ -2565,8 +2593,9 @@ async def api_phase(run: Run, app: App) -> dict[str, Any]:
         ("device_list", "device_list", registered),
         ("telemetry_1h_1m", "telemetry", args.devices),
         ("telemetry_1h_1m_10s_device", "telemetry_history", HISTORY_DEVICES),
+        ("telemetry_30d_1h_10s_device", "telemetry_history_30d", HISTORY_30D_DEVICES),
     ):
-        if endpoint == "telemetry_history" and run.services.influx is not None:
+        if endpoint.startswith("telemetry_history") and run.services.influx is not None:
             continue
         await settle(app, device_id(0))
         results[name] = await http_phase(
@@ -2753,6 +2782,13 @@ def app_origin(summary: dict[str, Any]) -> str:
 def render_api_and_profiles(summary: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     api = summary.get("api")
+    if summary.get("history_30d"):
+        lines.append(
+            row(
+                "rollups caught up with 30 d of history",
+                fmt(summary.get("rollups_backfill_s"), ",.1f", " s"),
+            )
+        )
     if api:
         lines += [
             "",
@@ -2994,6 +3030,30 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
         summary["app"] = await inspect_app(run, env)
         summary["app_client_id"] = env["IOTMETER_MQTT_CLIENT_ID"]
         await migrate(env, workdir)
+        if args.seed_hours and services.influx is None:
+            # Past hours written before the app starts, for its lifecycle task to work on
+            # while ingest runs (compaction of closed hours, the rollups' backfill).
+            print(f"seeding {args.seed_hours} h of history ...", file=sys.stderr, flush=True)
+            seed = await Worker.start(
+                "seed",
+                "history",
+                [
+                    "--database-url",
+                    services.database_url,
+                    "--count",
+                    str(args.seed_devices),
+                    "--interval",
+                    str(args.seed_interval),
+                    "--hours",
+                    str(args.seed_hours),
+                    "--prefix",
+                    "seed",
+                ],
+                workdir,
+                run.kill_after,
+                env,
+            )
+            summary["seed"] = await seed.wait_done(1800)
         summary["s3_put_ceiling"] = await s3_put_phase(run)
         if args.mode == "backlog":
             app = await backlog_phases(run, env, stack, summary)
@@ -3021,6 +3081,27 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
                     env,
                 )
                 summary["history"] = await history.wait_done(600)
+                history_30d = await Worker.start(
+                    "history30",
+                    "history",
+                    [
+                        "--database-url",
+                        services.database_url,
+                        "--count",
+                        str(HISTORY_30D_DEVICES),
+                        "--interval",
+                        "10",
+                        "--hours",
+                        str(30 * 24),
+                        "--prefix",
+                        "hist30",
+                    ],
+                    workdir,
+                    run.kill_after,
+                    env,
+                )
+                summary["history_30d"] = await history_30d.wait_done(1800)
+                summary["rollups_backfill_s"] = await wait_for_rollups(services.database_url)
             summary["api"] = await api_phase(run, app)
         summary["app_rss_hwm_mb_end"] = round_or_none(peak_rss_mb(app.process.pid))
         summary["app_stop"] = await stop_app(app)
@@ -3377,6 +3458,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     api = parser.add_argument_group("API load")
+    api.add_argument(
+        "--seed-hours",
+        type=float,
+        default=0,
+        help="write this many past hours of readings before the app starts (its lifecycle "
+        "task compacts and rolls them up while ingest runs; compare with --compare-env "
+        "IOTMETER_COMPACTION_ENABLED=true and --app-env IOTMETER_COMPACTION_ENABLED=false)",
+    )
+    api.add_argument("--seed-devices", type=int, default=500, help="devices of --seed-hours")
+    api.add_argument("--seed-interval", type=float, default=2.0, help="seconds between readings")
     api.add_argument("--api", action=argparse.BooleanOptionalAction, default=True)
     api.add_argument("--api-concurrency", type=int, default=32)
     api.add_argument("--api-duration", type=float, default=10)
