@@ -258,3 +258,27 @@ async def test_rollups_begun_mid_hour_over_older_data(stores: Stores, seed: int)
             await stores.rolled.maintain(budget_s=30)
     await settle(stores, T0 + span_us + SETTLE_US + 2 * MINUTE_US)
     await compare_random_queries(stores, rng, devices, span_us)
+
+
+async def test_rollups_turned_off_and_on_again_start_afresh(stores: Stores) -> None:
+    """Readings written while the rollups are off mark nothing; turned on again, the rollups
+    must not claim those windows complete."""
+    device = "roll-off"
+    stores.clock.now_us = T0 + HOUR_US
+    await stores.rolled.write([reading(device, T0 + n * MINUTE_US, {"v": 1.0}) for n in range(60)])
+    await settle(stores, T0 + 2 * HOUR_US)
+    off = SqlTimeSeriesStore(
+        stores.rolled.database, lifecycle=Lifecycle(rollups=False), clock=stores.clock
+    )
+    await off.prepare()
+    await off.write(
+        [reading(device, T0 + n * MINUTE_US + SECOND_US, {"v": 2.0}) for n in range(60)]
+    )
+    on = SqlTimeSeriesStore(stores.rolled.database, clock=stores.clock)
+    await on.prepare()
+    stores.rolled = on
+    # Once the hour the rollups began in is complete, the hourly coverage reaches back.
+    await settle(stores, T0 + 3 * HOUR_US + 2 * MINUTE_US)
+    query = SeriesQuery(device, T0, T0 + HOUR_US, every_us=HOUR_US, aggregate="sum")
+    assert await on.query(query) == [SeriesPoint("v", T0, 180.0)]
+    assert on.rollup_queries == 1

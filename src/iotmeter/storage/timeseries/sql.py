@@ -462,13 +462,20 @@ class SqlTimeSeriesStore:
         return self.backend
 
     async def prepare(self) -> None:
-        """At start-up: today's and the coming days' partitions, the rollups' state."""
+        """At start-up: today's and the coming days' partitions, the rollups' state (all
+        processes sharing a database must agree on `IOTMETER_ROLLUPS_ENABLED`)."""
         if self.database.dialect == "postgresql":
             async with self._driver() as driver:
                 await partitions.finish_interrupted_detaches(driver)
                 await self._ensure_ahead(driver)
         if self.rollups is not None:
             await self.rollups.start()
+        else:
+            # Readings written while rollups are off mark nothing: forget how far they were
+            # complete, so that turning them on again starts afresh (and backfills).
+            async with self.database.engine.begin() as connection:
+                await connection.execute(text("DELETE FROM telemetry_rollup_state"))
+                await connection.execute(text("DELETE FROM telemetry_rollup_dirty"))
 
     @contextlib.asynccontextmanager
     async def _driver(self) -> AsyncIterator[Any]:
