@@ -3054,6 +3054,47 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
                 env,
             )
             summary["seed"] = await seed.wait_done(1800)
+        if args.api and services.influx is None:
+            # The ingest phase leaves far denser data than a device's (each bench device
+            # sends several messages a second); this gives the telemetry queries one hour and
+            # thirty days of devices reporting every 10 s. Written before the app starts, as
+            # data from before its rollups: the app backfills them (the API phase waits).
+            history = await Worker.start(
+                "history",
+                "history",
+                [
+                    "--database-url",
+                    services.database_url,
+                    "--count",
+                    str(HISTORY_DEVICES),
+                    "--interval",
+                    "10",
+                ],
+                workdir,
+                run.kill_after,
+                env,
+            )
+            summary["history"] = await history.wait_done(600)
+            history_30d = await Worker.start(
+                "history30",
+                "history",
+                [
+                    "--database-url",
+                    services.database_url,
+                    "--count",
+                    str(HISTORY_30D_DEVICES),
+                    "--interval",
+                    "10",
+                    "--hours",
+                    str(30 * 24),
+                    "--prefix",
+                    "hist30",
+                ],
+                workdir,
+                run.kill_after,
+                env,
+            )
+            summary["history_30d"] = await history_30d.wait_done(1800)
         summary["s3_put_ceiling"] = await s3_put_phase(run)
         if args.mode == "backlog":
             app = await backlog_phases(run, env, stack, summary)
@@ -3062,45 +3103,6 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
         if args.api:
             print("API phase ...", file=sys.stderr, flush=True)
             if services.influx is None:
-                # The ingest phase leaves far denser data than a device's (each bench device
-                # sends several messages a second); this gives the telemetry query one hour of
-                # a device reporting every 10 s, whatever the run before it.
-                history = await Worker.start(
-                    "history",
-                    "history",
-                    [
-                        "--database-url",
-                        services.database_url,
-                        "--count",
-                        str(HISTORY_DEVICES),
-                        "--interval",
-                        "10",
-                    ],
-                    workdir,
-                    run.kill_after,
-                    env,
-                )
-                summary["history"] = await history.wait_done(600)
-                history_30d = await Worker.start(
-                    "history30",
-                    "history",
-                    [
-                        "--database-url",
-                        services.database_url,
-                        "--count",
-                        str(HISTORY_30D_DEVICES),
-                        "--interval",
-                        "10",
-                        "--hours",
-                        str(30 * 24),
-                        "--prefix",
-                        "hist30",
-                    ],
-                    workdir,
-                    run.kill_after,
-                    env,
-                )
-                summary["history_30d"] = await history_30d.wait_done(1800)
                 summary["rollups_backfill_s"] = await wait_for_rollups(services.database_url)
             summary["api"] = await api_phase(run, app)
         summary["app_rss_hwm_mb_end"] = round_or_none(peak_rss_mb(app.process.pid))
