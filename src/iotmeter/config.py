@@ -240,14 +240,16 @@ class _LifecycleSettings(BaseSettings):
         0,
         ge=0,
         description="Readings older than this many days are deleted (0: kept forever). "
-        "PostgreSQL drops whole daily partitions; SQLite deletes in bounded chunks; InfluxDB: "
-        "the bucket's retention when iotmeter creates the bucket.",
+        "PostgreSQL drops whole partitions (hours of readings, days of compacted hours); "
+        "SQLite deletes in bounded chunks; InfluxDB: the bucket's retention when iotmeter "
+        "creates it.",
     )
     telemetry_partitions_ahead: int = Field(
         3,
         ge=1,
         le=60,
-        description="PostgreSQL: daily partitions of the time series created ahead of today.",
+        description="PostgreSQL: days of partitions of the time series (hourly for the "
+        "readings, daily for the rest) created ahead.",
     )
     rollups_enabled: bool = Field(
         True,
@@ -698,6 +700,13 @@ class Settings(_LifecycleSettings, _AuthSettings, _HttpSettings, _SimulatorSetti
                 f"{env_name('mqtt_embedded_tls_cert_file')} and "
                 f"{env_name('mqtt_embedded_tls_key_file')} go together: set both for the "
                 "embedded broker's TLS listener, or neither"
+            )
+        rollup_days, reading_days = self.rollup_retention_days, self.telemetry_retention_days
+        if rollup_days and (not reading_days or rollup_days < reading_days):
+            problems.append(
+                f"{env_name('rollup_retention_days')} must not be shorter than "
+                f"{env_name('telemetry_retention_days')} (0: forever): a query over older "
+                "readings would find their rollups gone"
             )
         if problems:
             raise ValueError("; ".join(problems))

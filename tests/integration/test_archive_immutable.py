@@ -157,7 +157,7 @@ async def test_replay_reads_and_never_writes_the_archive(
     assert archive.writes.skipped_existing == 0
 
 
-async def test_a_damaged_local_file_is_replaced_not_kept(tmp_path: Path) -> None:
+async def test_a_damaged_local_file_is_written_anew_and_kept_aside(tmp_path: Path) -> None:
     """A file cut by a power loss before it was durable (here: emptied) is the one case a
     write replaces: write-once must not keep a torn file for ever."""
     archive = LayeredArchive(LocalArchiveStore(tmp_path / "archive"), lookback_us=LOOKBACK_US)
@@ -171,6 +171,13 @@ async def test_a_damaged_local_file_is_replaced_not_kept(tmp_path: Path) -> None
         os.getxattr(path, HASH_ATTRIBUTE).decode() == hashlib.sha256(path.read_bytes()).hexdigest()
     )
     assert (archive.writes.skipped_existing, archive.writes.repaired) == (0, 1)
+    # The damaged file is kept aside (it could be evidence of tampering), out of listings.
+    (aside,) = path.parent.glob(f".{path.name}.*.damaged")
+    assert aside.read_bytes() == b""
+    page = await archive.list(
+        reading.device_id, reading.epoch_us - 1, reading.epoch_us + 1_000_000, limit=10
+    )
+    assert page.keys == [reading.archive_key]
 
 
 async def test_conditional_puts_pass_a_store_that_checks_signatures() -> None:

@@ -258,3 +258,27 @@ async def test_ingest_during_compaction_loses_nothing(database: Database) -> Non
         assert sorted(point.epoch_us for point in points) == sorted(
             epoch_us for name, epoch_us in written if name == device
         )
+
+
+async def test_an_hour_left_detached_by_a_crash_is_attached_again(database: Database) -> None:
+    """A round cut off between `DETACH ... CONCURRENTLY` and `DROP` leaves the hour's table
+    detached: invisible to readers, and its name taken for a late reading's new partition.
+    The next start (or round) attaches it again, rows and all, and a late reading for that
+    hour still lands."""
+    clock = FakeClock(BASE_US + 30 * MINUTE_US)
+    store = SqlTimeSeriesStore(
+        database, lifecycle=Lifecycle(rollups=False, compaction=False), clock=clock
+    )
+    await store.write(
+        [reading("cmp-crash", BASE_US + n * SECOND_US, {"v": 1.0}) for n in range(100)]
+    )
+    name = partitions.day_name("telemetry", BASE_US)
+    async with database.autocommit_engine.connect() as connection:
+        await connection.exec_driver_sql(f"ALTER TABLE telemetry DETACH PARTITION {name}")
+    assert await store.query(SeriesQuery("cmp-crash", BASE_US, BASE_US + HOUR_US)) == []
+    # A late reading for that hour before anything repaired it: written, not refused.
+    await store.write([reading("cmp-crash", BASE_US + 200 * SECOND_US, {"v": 2.0})])
+    points = await store.query(SeriesQuery("cmp-crash", BASE_US, BASE_US + HOUR_US))
+    assert len(points) == 101
+    await SqlTimeSeriesStore(database, clock=clock).prepare()
+    assert len(await store.query(SeriesQuery("cmp-crash", BASE_US, BASE_US + HOUR_US))) == 101

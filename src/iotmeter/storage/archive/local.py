@@ -339,9 +339,17 @@ class LocalArchiveStore:
                 if _intact(target, hashed=document.hashed):
                     outcome.skipped += 1
                 else:
-                    os.replace(temporary, target)
+                    # Kept aside, never overwritten: a torn write after a power cut and a
+                    # file altered by someone look alike, and the second is evidence.
+                    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.damaged")
+                    os.replace(target, aside)
+                    os.link(temporary, target)
                     outcome.repaired += 1
-                    logger.warning("archive file %s was damaged; replaced by a new copy", target)
+                    logger.warning(
+                        "archive file %s did not match its hash: kept as %s, written anew",
+                        target,
+                        aside.name,
+                    )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()

@@ -7,11 +7,10 @@ device id and field name repeated, a line pointer, the index tuple); a compacted
 its 8-byte value, its time offset after compression and a share of one row per series and
 hour (`bench/storage_size.py` measures both).
 
-Safety, in one transaction per hour: the hour's partition is locked in SHARE mode first (a
-late writer for that hour waits; readers and the writes of other hours go on), its rows are
-merged into the compacted row of each series (a point already compacted is replaced by the
-raw row, the newer write), and the partition is truncated. Readers see the hour either as
-rows or as arrays, never both or neither; a reading that arrives for the hour afterwards is
+Safety, in one REPEATABLE READ transaction per hour and without a table lock: the hour's rows
+are merged into the compacted row of each series (a point already compacted is replaced by
+the raw row, the newer write) and deleted. Readers see the hour either as rows or as arrays,
+never both or neither; a reading that arrives for the hour afterwards is
 a raw row again (readers take each point once, raw first: `points.raw_and_compact`) until
 the next round merges it. Running a round twice changes nothing: an empty hour has nothing to
 merge. An emptied partition is detached (CONCURRENTLY) and dropped a round later.
@@ -34,9 +33,6 @@ HOUR_US = partitions.HOUR_US
 GRACE_US = 5 * 60 * 1_000_000
 """An hour is compacted once it ended this long ago (writes in flight have landed)."""
 _COMPACTION_LOCK_KEY = 0x10_7E_7E_5F
-LOCK_TIMEOUT = "2s"
-"""How long a round waits for the hour's partition (a long export reading it); then the
-hour is left for the next round."""
 
 # A first compaction of an hour: the rows in primary-key order, grouped per series.
 _COMPACT = """
@@ -74,17 +70,22 @@ class CompactionRound:
     hours: int = 0
     series_hours: int = 0
     dropped: int = 0
-    skipped_locked: int = 0
+    skipped_changed: int = 0
+    """Hours left for the next round: a row changed while they were compacted."""
     busy: bool = False
     """Another process was compacting: this round did nothing."""
 
 
 async def compact_table(driver: Any, table: str, hour_us: int) -> int:
     """Move the rows of `table` (one hour's partition, attached or detached) into the
-    compacted rows; the series rows written (0: nothing to do)."""
-    async with driver.transaction():
-        await driver.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        await driver.execute(f"LOCK TABLE {table} IN SHARE MODE")
+    compacted rows; the series rows written (0: nothing to do).
+
+    One REPEATABLE READ transaction: the merge and the delete see the same rows, so a row
+    written meanwhile is neither copied nor deleted (the next round takes it), and a row
+    changed meanwhile (an upsert of a redelivery) makes the transaction fail to serialize
+    and leave everything as it was. No table lock: readers and writers never wait for a
+    compaction (a writer changing a row being deleted waits for that row only)."""
+    async with driver.transaction(isolation="repeatable_read"):
         if not await driver.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
             return 0
         compacted_before = await driver.fetchval(
@@ -92,7 +93,8 @@ async def compact_table(driver: Any, table: str, hour_us: int) -> int:
         )
         statement = _MERGE if compacted_before else _COMPACT
         status = await driver.execute(statement.format(table=table), hour_us)
-        await driver.execute(f"TRUNCATE {table}")
+        # Not TRUNCATE: it would wait for, and then hold up, every reader of the hour.
+        await driver.execute(f"DELETE FROM {table}")
     return max(1, int(status.split()[-1]))
 
 
@@ -100,13 +102,11 @@ async def compact_closed_hours(driver: Any, *, before_us: int, deadline: float) 
     """Compact every hour partition that ended before `before_us`, oldest first, and drop
     those emptied in an earlier round; stops at `deadline` (monotonic)."""
     done = CompactionRound()
-    if not await driver.fetchval("SELECT pg_try_advisory_lock($1)", _COMPACTION_LOCK_KEY):
-        done.busy = True
-        return done
-    try:
+    async with partitions.advisory_lock(driver, _COMPACTION_LOCK_KEY, wait=False) as held:
+        if not held:
+            done.busy = True
+            return done
         await _compact_due(driver, before_us, deadline, done)
-    finally:
-        await driver.execute("SELECT pg_advisory_unlock($1)", _COMPACTION_LOCK_KEY)
     return done
 
 
@@ -120,8 +120,8 @@ async def _compact_due(driver: Any, before_us: int, deadline: float, done: Compa
             break
         try:
             moved = await compact_table(driver, part.name, part.start_us)
-        except asyncpg.LockNotAvailableError:
-            done.skipped_locked += 1
+        except asyncpg.SerializationError:
+            done.skipped_changed += 1
             continue
         if moved:
             done.hours += 1
@@ -133,9 +133,11 @@ async def _compact_due(driver: Any, before_us: int, deadline: float, done: Compa
 
 
 async def _drop_empty(driver: Any, part: partitions.Partition) -> bool:
-    """Detach an emptied hour (no lock that stops the writes of other hours), merge what
-    slipped in meanwhile, drop it. Under the partitions' lock, so a late writer does not
-    recreate the hour under the same name before the drop."""
+    """Detach an emptied hour (CONCURRENTLY: no lock that stops the writes of other hours),
+    merge what slipped in meanwhile, drop it. Under the partitions' lock, so a late writer
+    does not recreate the hour under the same name before the drop; on any failure after
+    the detach the hour is attached again (a detached hour is invisible to readers), and
+    `partitions.reattach_orphans` does it after a crash."""
     if part.start_us is None:
         return False
     async with partitions.maintenance_lock(driver):
@@ -145,12 +147,8 @@ async def _drop_empty(driver: Any, part: partitions.Partition) -> bool:
             return False
         try:
             await compact_table(driver, part.name, part.start_us)
-        except asyncpg.LockNotAvailableError:
-            # Keep the rows: attach it again; the next round compacts it.
-            await driver.execute(
-                f"ALTER TABLE telemetry ATTACH PARTITION {part.name} "
-                f"FOR VALUES FROM ({part.start_us}) TO ({part.stop_us})"
-            )
-            return False
-        await driver.execute(f"DROP TABLE {part.name}")
+            await driver.execute(f"DROP TABLE {part.name}")
+        except BaseException:
+            await partitions.reattach_orphans(driver)
+            raise
     return True

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 logger = logging.getLogger(__name__)
 
 HOUR_US = 3_600_000_000
@@ -98,13 +100,71 @@ async def partitions(driver: Any, table: str) -> list[Partition]:
 
 
 @contextlib.asynccontextmanager
-async def maintenance_lock(driver: Any) -> AsyncIterator[None]:
-    """One process at a time changes partitions (session-level, re-entrant)."""
-    await driver.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+async def advisory_lock(driver: Any, key: int, *, wait: bool = True) -> AsyncIterator[bool]:
+    """A session-level advisory lock on a pooled connection: yields whether it is held
+    (`wait=False` tries once). If it cannot be released surely (the task was cancelled
+    mid-statement, the unlock failed), the connection is closed, which releases it: a lock
+    left on a pooled connection would stop every later holder."""
+    if wait:
+        await driver.execute("SELECT pg_advisory_lock($1)", key)
+        held = True
+    else:
+        held = bool(await driver.fetchval("SELECT pg_try_advisory_lock($1)", key))
+    released = not held
     try:
-        yield
+        yield held
+        if held:
+            await driver.execute("SELECT pg_advisory_unlock($1)", key)
+            released = True
     finally:
-        await driver.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        if not released:
+            driver.terminate()
+
+
+@contextlib.asynccontextmanager
+async def maintenance_lock(driver: Any) -> AsyncIterator[None]:
+    """One process at a time changes partitions."""
+    async with advisory_lock(driver, _LOCK_KEY):
+        yield
+
+
+def bounds_from_name(name: str) -> tuple[str, int, int] | None:
+    """(parent table, start, stop) of a daily or hourly partition's name."""
+    match = _PARTITION_NAME.match(name)
+    if match is None or match.group(2) == "history":
+        return None
+    table, stamp = match.group(1), match.group(2)[1:]
+    fmt = "%Y%m%dh%H" if "h" in stamp else "%Y%m%d"
+    start = int(datetime.strptime(stamp, fmt).replace(tzinfo=UTC).timestamp()) * 1_000_000
+    return table, start, start + TABLES[table][1]
+
+
+async def reattach_orphans(driver: Any) -> list[str]:
+    """Attach again the partitions left detached by an interrupted drop or compaction (their
+    rows would be invisible, and a late reading for their hour could not make its
+    partition: the name is taken). The next round expires or compacts them as usual."""
+    rows = await driver.fetch(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition "
+        "AND c.relname ~ '^telemetry.*_p[0-9]{8}'"
+    )
+    attached = []
+    async with maintenance_lock(driver):
+        for (name,) in rows:
+            parsed = bounds_from_name(name)
+            if parsed is None:
+                continue
+            table, start, stop = parsed
+            try:
+                await driver.execute(
+                    f"ALTER TABLE {table} ATTACH PARTITION {name} "
+                    f"FOR VALUES FROM ({start}) TO ({stop})"
+                )
+            except (asyncpg.UndefinedTableError, asyncpg.InvalidObjectDefinitionError):
+                continue
+            logger.warning("attached %s again (left detached by an interrupted round)", name)
+            attached.append(name)
+    return attached
 
 
 async def ensure_days(driver: Any, table: str, first_us: int, last_us: int) -> list[str]:
@@ -128,16 +188,22 @@ async def ensure_days(driver: Any, table: str, first_us: int, last_us: int) -> l
             if day not in have and (covered_until is None or not _overlaps(existing, day, span)):
                 name = day_name(table, day)
                 stop = day + span
-                async with driver.transaction():
-                    await driver.execute(
-                        f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING "
-                        f"CONSTRAINTS, CHECK ({column} >= {day} AND {column} < {stop}))"
-                    )
-                    # The check lets ATTACH skip its validation scan; the table is empty anyway.
-                    await driver.execute(
-                        f"ALTER TABLE {table} ATTACH PARTITION {name} "
-                        f"FOR VALUES FROM ({day}) TO ({stop})"
-                    )
+                try:
+                    async with driver.transaction():
+                        await driver.execute(
+                            f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING "
+                            f"CONSTRAINTS, CHECK ({column} >= {day} AND {column} < {stop}))"
+                        )
+                        # The check lets ATTACH skip its validation scan (the table is empty).
+                        await driver.execute(
+                            f"ALTER TABLE {table} ATTACH PARTITION {name} "
+                            f"FOR VALUES FROM ({day}) TO ({stop})"
+                        )
+                except asyncpg.DuplicateTableError:
+                    # Left detached by an interrupted round: attached again, rows and all.
+                    await reattach_orphans(driver)
+                    day += span
+                    continue
                 created.append(name)
             day += span
     if created:
@@ -165,7 +231,7 @@ async def drop_expired(driver: Any, table: str, cutoff_us: int, *, max_chunks: i
     removed = 0
     async with maintenance_lock(driver):
         for part in await partitions(driver, table):
-            if part.start_us is None:
+            if part.start_us is None and part.stop_us > cutoff_us:
                 for _ in range(max_chunks):
                     status = await driver.execute(
                         f"DELETE FROM {part.name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
@@ -179,6 +245,7 @@ async def drop_expired(driver: Any, table: str, cutoff_us: int, *, max_chunks: i
                 continue
             if part.stop_us > cutoff_us:
                 continue
+            # Wholly expired, the history partition too: dropped whole.
             estimate = await driver.fetchval(
                 "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE relname = $1",
                 part.name,
@@ -196,14 +263,18 @@ async def finish_interrupted_detaches(driver: Any) -> None:
     """A `DETACH ... CONCURRENTLY` cut off half-way (a crash) leaves the partition pending,
     which blocks the next detach: finish it and attach the partition again (its rows are
     kept; the next round expires or compacts it as usual)."""
-    rows = await driver.fetch(
-        "SELECT p.relname, c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
-        "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
-        "WHERE i.inhdetachpending"
-    )
     async with maintenance_lock(driver):
+        # Read under the lock: a detach in progress in another process is not pending.
+        rows = await driver.fetch(
+            "SELECT p.relname, c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits "
+            "i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
+            "WHERE i.inhdetachpending"
+        )
         for parent, child, expression in rows:
-            await driver.execute(f"ALTER TABLE {parent} DETACH PARTITION {child} FINALIZE")
+            try:
+                await driver.execute(f"ALTER TABLE {parent} DETACH PARTITION {child} FINALIZE")
+            except asyncpg.UndefinedTableError:
+                continue
             match = _BOUND.search(expression or "")
             if match is None:
                 continue

@@ -11,8 +11,10 @@ at least `SETTLE_US` ago. A reading written more than `LATE_US` after its own ti
 minute in `telemetry_rollup_dirty` (in the same transaction as the reading), and the task
 recomputes marked minutes and their hours. Why those two figures make the pair exact: a
 reading that is not marked was written less than `LATE_US` after its time, so its write began
-before the task reached its window (`SETTLE_US - LATE_US` = 30 s later); a write transaction
-is one statement that takes milliseconds, so the reading is committed and counted. Marks are
+before the task reached its window (`SETTLE_US - LATE_US` = 45 s later); a write transaction
+is one statement that takes milliseconds, so the reading is committed and counted. (This
+takes the clocks of the writing and the rolling-up processes to agree within that margin,
+and every process of one database to have the same `IOTMETER_ROLLUPS_ENABLED`.) Marks are
 claimed by deleting them in the transaction that recomputes, before it reads: a reading
 committed later marks again.
 
@@ -42,11 +44,14 @@ from iotmeter.storage.timeseries.points import raw_and_compact
 
 MINUTE_US = 60_000_000
 HOUR_US = 3_600_000_000
-LATE_US = 30_000_000
-"""A reading written this long after its own time is late: it marks its minute dirty."""
+LATE_US = 15_000_000
+"""A reading written this long after its own time is late: it marks its minute dirty (ingest
+takes well under a second end to end; a backlog or a replay is late)."""
 SETTLE_US = 60_000_000
-"""Windows are rolled up once they closed this long ago (≤ 2 minutes behind with the task's
-10-second interval)."""
+"""Windows are rolled up once they closed this long ago: the newest complete minute ended at
+most 2 minutes ago with the task's 10-second interval. `SETTLE_US - LATE_US` = 45 s is how
+long a write may take from its lateness check to its commit (a wait for a pooled
+connection, at most 10 s, included)."""
 UNBOUNDED_US = -(2**62)
 """A coverage that starts here starts at the beginning of time."""
 DIRTY_BATCH = 2000
@@ -176,6 +181,9 @@ class Rollups:
         """Whether raw points are also read from the compacted hours (PostgreSQL)."""
         self.dialect = database.dialect
         self.clock = clock
+        self._backfill_found = False
+        """The backfill's last hour had readings (the next hour back is computed without
+        looking for the newest older reading first: one probe per series)."""
 
     async def coverage(self, connection: AsyncConnection) -> dict[str, Coverage]:
         rows = (
@@ -258,21 +266,42 @@ class Rollups:
                     written += await self._compute_range(connection, HOUR, hour.until_us, stop)
                     await self._set(connection, "1h:until", stop)
                     continue
-                if minute.from_us > UNBOUNDED_US:
-                    written += await self._backfill(connection, minute, oldest_us)
-                    continue
-                # Hours before the hourly coverage, once their minutes are all computed:
-                # the hour the coverage began in, and the hours the backfill reached.
+                # Hours before the hourly coverage, once their minutes are all computed
+                # (the hour the coverage began in, the hours the backfill reached), a day
+                # at a time, alongside the minutes' backfill.
                 hour_floor = (
                     UNBOUNDED_US
                     if minute.from_us == UNBOUNDED_US
                     else ceil_to(minute.from_us, HOUR_US)
                 )
                 if hour_floor < hour.from_us <= floor_to(minute.until_us, HOUR_US):
-                    written += await self._compute_range(connection, HOUR, hour_floor, hour.from_us)
-                    await self._set(connection, "1h:from", hour_floor)
+                    written += await self._extend_hours(connection, hour, hour_floor)
+                    continue
+                if minute.from_us > UNBOUNDED_US:
+                    written += await self._backfill(connection, minute, oldest_us)
                     continue
             break
+        return written
+
+    async def _extend_hours(
+        self, connection: AsyncConnection, hour: Coverage, hour_floor: int
+    ) -> int:
+        start = max(hour_floor, hour.from_us - 24 * HOUR_US)
+        written = await self._compute_range(connection, HOUR, start, hour.from_us)
+        if written == 0 and start > hour_floor:
+            # Nothing in that day: jump to the newest older minute row, if any.
+            newest = (
+                await connection.execute(
+                    text(f"SELECT max(bucket_us) FROM {MINUTE.table} WHERE bucket_us < :before"),
+                    {"before": start},
+                )
+            ).scalar()
+            if newest is None or int(newest) < hour_floor:
+                start = hour_floor
+            else:
+                start = max(hour_floor, floor_to(int(newest), HOUR_US))
+                written = await self._compute_range(connection, HOUR, start, hour.from_us)
+        await self._set(connection, "1h:from", start)
         return written
 
     async def _backfill(
@@ -283,12 +312,17 @@ class Rollups:
         reading at a time; with none left, the coverage starts at the beginning of time (a
         reading written there later is late, so it marks its minute). The hours follow in
         `run_once`."""
-        newest_older = await self._newest_before(connection, minute.from_us)
-        if newest_older is None or (oldest_us is not None and newest_older < oldest_us):
-            await self._set(connection, "1m:from", UNBOUNDED_US)
-            return 0
-        start = floor_to(newest_older, HOUR_US)
+        if self._backfill_found:
+            # The hour before had readings: most likely this one too; no probe needed.
+            start = floor_to(minute.from_us - 1, HOUR_US)
+        else:
+            newest_older = await self._newest_before(connection, minute.from_us)
+            if newest_older is None or (oldest_us is not None and newest_older < oldest_us):
+                await self._set(connection, "1m:from", UNBOUNDED_US)
+                return 0
+            start = floor_to(newest_older, HOUR_US)
         written = await self._compute_range(connection, MINUTE, start, minute.from_us, older=True)
+        self._backfill_found = written > 0
         await self._set(connection, "1m:from", start)
         return written
 

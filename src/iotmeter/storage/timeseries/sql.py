@@ -66,14 +66,17 @@ INSERT INTO telemetry (device_id, field, epoch_us, value) VALUES (?, ?, ?, ?)
 ON CONFLICT (device_id, field, epoch_us) DO UPDATE SET value = excluded.value
 """
 # Minutes of late readings (written well after their time): recomputed by the rollups.
+# DO UPDATE, not DO NOTHING: it locks an existing mark, so a worker claiming that mark at the
+# same time waits for this transaction, finds a newer version of the row and leaves it (the
+# mark survives for the reading it did not see); DO NOTHING would let it go.
 _PG_MARK = """
 INSERT INTO telemetry_rollup_dirty (device_id, field, bucket_us)
 SELECT * FROM unnest(string_to_array($1, ','), string_to_array($2, ','), $3::bigint[])
-ON CONFLICT DO NOTHING
+ON CONFLICT (device_id, field, bucket_us) DO UPDATE SET bucket_us = EXCLUDED.bucket_us
 """
 _SQLITE_MARK = """
 INSERT INTO telemetry_rollup_dirty (device_id, field, bucket_us) VALUES (?, ?, ?)
-ON CONFLICT DO NOTHING
+ON CONFLICT (device_id, field, bucket_us) DO UPDATE SET bucket_us = excluded.bucket_us
 """
 _SQLITE_LATEST = """
 INSERT INTO telemetry_latest (device_id, field, epoch_us, value) VALUES (?, ?, ?, ?)
@@ -178,6 +181,7 @@ def _columns(rows: list[Row]) -> Columns:
 
 
 DAY_US = partitions.DAY_US
+ROLLUP_LOCK_KEY = 0x10_7E_7E_60
 SQLITE_DELETE_CHUNK = 5_000
 """Rows one SQLite retention statement deletes (a short write lock each)."""
 
@@ -468,6 +472,9 @@ class SqlTimeSeriesStore:
             async with self._driver() as driver:
                 await partitions.finish_interrupted_detaches(driver)
                 await self._ensure_ahead(driver)
+        if self.database.dialect == "postgresql":
+            async with self._driver() as driver:
+                await partitions.reattach_orphans(driver)
         if self.rollups is not None:
             await self.rollups.start()
         else:
@@ -500,6 +507,8 @@ class SqlTimeSeriesStore:
         try:
             if self.database.dialect == "postgresql":
                 async with self._driver() as driver:
+                    await partitions.reattach_orphans(driver)
+                    await partitions.finish_interrupted_detaches(driver)
                     await self._ensure_ahead(driver)
                     for table in partitions.TABLES:
                         raw = table in ("telemetry", "telemetry_compact")
@@ -513,12 +522,32 @@ class SqlTimeSeriesStore:
                 for table in ("telemetry_rollup_1m", "telemetry_rollup_1h"):
                     expired += await self._expire_sqlite(table, "bucket_us", rollup_cutoff)
             if self.rollups is not None:
-                await self.rollups.run_once(budget_s=budget_s, oldest_us=rollup_cutoff)
+                await self._roll_up(budget_s, rollup_cutoff)
             if self.database.dialect == "postgresql" and self.lifecycle.compaction:
                 await self._compact(now, budget_s)
         except (OperationalError, DBAPIError, OSError, asyncpg.InterfaceError) as exc:
             raise BackendUnavailable(f"time-series maintenance failed: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            # The round is retried whole next time (each step is idempotent); the task lives.
+            raise BackendUnavailable(
+                f"time-series maintenance failed: {type(exc).__name__}: {exc}"
+            ) from exc
         return expired
+
+    async def _roll_up(self, budget_s: float, rollup_cutoff: int | None) -> None:
+        """One process at a time (PostgreSQL: an advisory lock; a process that finds it
+        taken skips its round): two workers could each compute a window from a different
+        snapshot and the older one could be written last."""
+        assert self.rollups is not None
+        if self.database.dialect != "postgresql":
+            await self.rollups.run_once(budget_s=budget_s, oldest_us=rollup_cutoff)
+            return
+        async with (
+            self._driver() as driver,
+            partitions.advisory_lock(driver, ROLLUP_LOCK_KEY, wait=False) as held,
+        ):
+            if held:
+                await self.rollups.run_once(budget_s=budget_s, oldest_us=rollup_cutoff)
 
     async def _compact(self, now_us: int, budget_s: float) -> CompactionRound:
         """Closed hours into arrays: those that ended `GRACE_US` ago and, with rollups, that
