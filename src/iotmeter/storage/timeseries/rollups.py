@@ -205,7 +205,9 @@ class Rollups:
             if await self.coverage(connection):
                 return
             minute = floor_to(now - SETTLE_US, MINUTE_US)
-            hour = ceil_to(minute, HOUR_US)
+            # The hour the rollups begin in is rolled up once it is complete (its minutes
+            # before `minute` by the backfill); the hours before it can follow at once.
+            hour = floor_to(minute, HOUR_US)
             for name, value in (
                 ("1m:from", minute),
                 ("1m:until", minute),
@@ -261,7 +263,7 @@ class Rollups:
                     await self._set(connection, "1m:until", stop)
                     continue
                 hour_target = floor_to(minute.until_us, HOUR_US)
-                if hour.until_us < hour_target:
+                if hour.until_us < hour_target and minute.from_us <= hour.until_us:
                     stop = hour.until_us + HOUR_US
                     written += await self._compute_range(connection, HOUR, hour.until_us, stop)
                     await self._set(connection, "1h:until", stop)
