@@ -80,6 +80,15 @@ def _bound(text: str) -> int | None:
     return None if text in ("MINVALUE", "MAXVALUE") else int(text.strip("'"))
 
 
+def parse_bound(expression: str) -> tuple[int | None, int] | None:
+    """(start or None for MINVALUE, stop) of a range partition's bound expression."""
+    match = _BOUND.search(expression)
+    if match is None:
+        return None
+    stop = _bound(match.group(2))
+    return None if stop is None else (_bound(match.group(1)), stop)
+
+
 async def partitions(driver: Any, table: str) -> list[Partition]:
     """The partitions of `table`, oldest first."""
     rows = await driver.fetch(
