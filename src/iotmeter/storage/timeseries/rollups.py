@@ -561,30 +561,131 @@ class _Partial:
                 return self.last
 
 
-def level_for(every_us: int) -> Level | None:
-    """The coarsest rollup whose windows divide `every` (None: read raw points)."""
-    for level in (HOUR, MINUTE):
-        if every_us % level.step == 0:
-            return level
-    return None
+def levels_for(every_us: int) -> list[Level]:
+    """The rollups whose windows divide `every`, coarsest first (none: read raw points)."""
+    return [level for level in (HOUR, MINUTE) if every_us % level.step == 0]
+
+
+Only = tuple[set[tuple[str, int]], int] | None
+"""Windows to keep: (field, window start) pairs and the windows' length."""
+
+
+def _keep(rows: list[Any], only: Only) -> list[Any]:
+    if only is None:
+        return rows
+    keys, step = only
+    return [row for row in rows if (str(row[0]), floor_to(int(row[1]), step)) in keys]
+
+
+class _PartialReader:
+    """Partial aggregates of one device's fields over a range, from a chain of rollup levels
+    (coarsest first) and the points below them."""
+
+    def __init__(
+        self,
+        connection: AsyncConnection,
+        dialect: str,
+        params: dict[str, Any],
+        field_filter: str,
+        compact: bool,
+        finest: Level,
+    ) -> None:
+        self.connection = connection
+        self.dialect = dialect
+        self.params = params
+        self.field_filter = field_filter
+        self.compact = compact
+        self.finest = finest
+
+    async def partials(
+        self, start: int, stop: int, levels: list[tuple[Level, Coverage]], only: Only
+    ) -> list[Any]:
+        """Rows (field, bucket, min, max, sum, count, first, last) covering [start, stop),
+        each bucket inside one window of every level (they divide each other)."""
+        if stop <= start:
+            return []
+        if not levels:
+            return _keep(await self._raw(start, stop), only)
+        (level, coverage), finer = levels[0], levels[1:]
+        inner_start = ceil_to(max(start, coverage.from_us), level.step)
+        inner_stop = floor_to(min(stop, coverage.until_us), level.step)
+        if inner_stop <= inner_start:
+            return await self.partials(start, stop, finer, only)
+        inner = {**self.params, "inner_start": inner_start, "inner_stop": inner_stop}
+        ff = self.field_filter
+        # Minutes marked by a late reading and not recomputed yet: rows of this level that
+        # hold one are stale, so those windows come from the finer level (the mark and the
+        # reading commit together).
+        marked = {
+            (str(field), floor_to(int(bucket), level.step))
+            for field, bucket in (
+                await self.connection.execute(
+                    text(
+                        "SELECT field, bucket_us FROM telemetry_rollup_dirty t WHERE "
+                        "t.device_id = :device_id AND t.bucket_us >= :inner_start AND "
+                        f"t.bucket_us < :inner_stop{ff}"
+                    ),
+                    inner,
+                )
+            ).all()
+        }
+        rows: list[Any] = [
+            row
+            for row in (
+                await self.connection.execute(
+                    text(
+                        f"SELECT field, bucket_us, min_value, max_value, sum_value, count, "
+                        f"first_value, last_value FROM {level.table} t WHERE t.device_id = "
+                        f":device_id AND t.bucket_us >= :inner_start AND "
+                        f"t.bucket_us < :inner_stop{ff}"
+                    ),
+                    inner,
+                )
+            ).all()
+            if (row[0], row[1]) not in marked
+        ]
+        rows = _keep(rows, only)
+        rows += await self.partials(start, inner_start, finer, only)
+        rows += await self.partials(inner_stop, stop, finer, only)
+        if marked:
+            first_marked = min(bucket for _, bucket in marked)
+            last_marked = max(bucket for _, bucket in marked) + level.step
+            again = await self.partials(first_marked, last_marked, finer, (marked, level.step))
+            rows += _keep(again, only)
+        return rows
+
+    async def _raw(self, start: int, stop: int) -> list[Any]:
+        ff = self.field_filter
+        source = raw_and_compact(
+            compact=self.compact,
+            raw_where="r.device_id = :device_id AND r.epoch_us >= :edge_start "
+            "AND r.epoch_us < :edge_stop" + ff.replace("t.field", "r.field"),
+            compact_where="c.device_id = :device_id" + ff.replace("t.field", "c.field"),
+            start=":edge_start",
+            stop=":edge_stop",
+        )
+        sql = raw_partials_sql(self.dialect, "t.field", self.finest.step, source, "true")
+        params = {**self.params, "edge_start": start, "edge_stop": stop}
+        return list((await self.connection.execute(text(sql), params)).all())
 
 
 async def read_windows(
     connection: AsyncConnection,
     dialect: str,
     query: SeriesQuery,
-    level: Level,
-    coverage: Coverage,
+    levels: Sequence[tuple[Level, Coverage]],
     *,
     compact: bool = False,
 ) -> list[SeriesPoint] | None:
-    """The query's windows from rollup rows where complete, raw points elsewhere; None when
-    the rollup covers none of the range (the caller reads raw)."""
+    """The query's windows from the coarsest rollup rows where complete, finer ones around
+    them, points last; None when no rollup covers any of the range (the caller reads raw)."""
     assert query.every_us is not None
     every = query.every_us
-    inner_start = ceil_to(max(query.start_us, coverage.from_us), level.step)
-    inner_stop = floor_to(min(query.stop_us, coverage.until_us), level.step)
-    if inner_stop <= inner_start:
+    if not any(
+        floor_to(min(query.stop_us, coverage.until_us), level.step)
+        > ceil_to(max(query.start_us, coverage.from_us), level.step)
+        for level, coverage in levels
+    ):
         return None
     params: dict[str, Any] = {"device_id": query.device_id}
     field_filter = ""
@@ -592,62 +693,8 @@ async def read_windows(
         placeholders, field_params = _params(list(query.fields), "f")
         field_filter = f" AND t.field IN ({placeholders})"
         params.update(field_params)
-    inner = {**params, "inner_start": inner_start, "inner_stop": inner_stop}
-    # Minutes marked by a late reading and not recomputed yet: their rollup rows are stale,
-    # so those windows come from the points (the mark and the reading commit together).
-    marked = {
-        (str(field), floor_to(int(bucket), level.step))
-        for field, bucket in (
-            await connection.execute(
-                text(
-                    "SELECT field, bucket_us FROM telemetry_rollup_dirty t WHERE "
-                    "t.device_id = :device_id AND t.bucket_us >= :inner_start AND "
-                    f"t.bucket_us < :inner_stop{field_filter}"
-                ),
-                inner,
-            )
-        ).all()
-    }
-    rows: list[Any] = [
-        row
-        for row in (
-            await connection.execute(
-                text(
-                    f"SELECT field, bucket_us, min_value, max_value, sum_value, count, "
-                    f"first_value, last_value FROM {level.table} t WHERE t.device_id = "
-                    f":device_id AND t.bucket_us >= :inner_start AND t.bucket_us < :inner_stop"
-                    f"{field_filter}"
-                ),
-                inner,
-            )
-        ).all()
-        if (row[0], row[1]) not in marked
-    ]
-    ranges: list[tuple[int, int, set[tuple[str, int]] | None]] = [
-        (query.start_us, inner_start, None),
-        (inner_stop, query.stop_us, None),
-    ]
-    if marked:
-        first_marked = min(bucket for _, bucket in marked)
-        ranges.append((first_marked, max(bucket for _, bucket in marked) + level.step, marked))
-    for edge_start, edge_stop, only in ranges:
-        if edge_stop <= edge_start:
-            continue
-        source = raw_and_compact(
-            compact=compact,
-            raw_where="r.device_id = :device_id AND r.epoch_us >= :edge_start "
-            "AND r.epoch_us < :edge_stop" + field_filter.replace("t.field", "r.field"),
-            compact_where="c.device_id = :device_id" + field_filter.replace("t.field", "c.field"),
-            start=":edge_start",
-            stop=":edge_stop",
-        )
-        sql = raw_partials_sql(dialect, "t.field", level.step, source, "true")
-        found = (
-            await connection.execute(
-                text(sql), {**params, "edge_start": edge_start, "edge_stop": edge_stop}
-            )
-        ).all()
-        rows.extend(row for row in found if only is None or (str(row[0]), int(row[1])) in only)
+    reader = _PartialReader(connection, dialect, params, field_filter, compact, levels[-1][0])
+    rows = await reader.partials(query.start_us, query.stop_us, list(levels), None)
     windows: dict[tuple[str, int], _Partial] = {}
     for field, bucket, minimum, maximum, total, count, first, last in rows:
         bucket = int(bucket)
@@ -669,6 +716,6 @@ async def read_windows(
             known.merge(partial)
     points = [
         SeriesPoint(field, window, partial.value(query.aggregate))
-        for (field, window), partial in sorted(windows.items())
+        for (field, window), partial in sorted(windows.items(), key=lambda item: item[0])
     ]
     return points[: query.limit]

@@ -8,6 +8,7 @@ upsert on the primary key, so replaying a batch changes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -35,7 +36,7 @@ from iotmeter.storage.timeseries.rollups import (
     Coverage,
     Rollups,
     floor_to,
-    level_for,
+    levels_for,
     read_windows,
     system_clock_us,
 )
@@ -339,6 +340,14 @@ class SqlTimeSeriesStore:
             return []
         if query.limit < 1 or query.stop_us <= query.start_us:
             return []
+        if query.fields is None:
+            # Every field by name: the primary key (device, field, time) then serves each
+            # field's time range; with the device alone it reads the device's whole history
+            # (PostgreSQL 15 has no skip scan) to find the range.
+            fields = await self._fields_of(query.device_id)
+            if not fields:
+                return []
+            query = dataclasses.replace(query, fields=fields)
         params: dict[str, Any] = {
             "device_id": query.device_id,
             "start": query.start_us,
@@ -387,26 +396,44 @@ class SqlTimeSeriesStore:
                 )
         try:
             async with self.database.autocommit_engine.connect() as connection:
-                level = level_for(query.every_us) if query.every_us is not None else None
-                if self.rollups is not None and level is not None:
-                    coverage = (await self.rollups.coverage(connection)).get(level.name)
-                    if coverage is not None:
-                        points = await read_windows(
+                levels = levels_for(query.every_us) if query.every_us is not None else []
+                if self.rollups is not None and levels:
+                    coverage = await self.rollups.coverage(connection)
+                    chain = [
+                        (level, coverage[level.name]) for level in levels if level.name in coverage
+                    ]
+                    points = (
+                        await read_windows(
                             connection,
                             self.database.dialect,
                             query,
-                            level,
-                            coverage,
+                            chain,
                             compact=self.compacts,
                         )
-                        if points is not None:
-                            self.rollup_queries += 1
-                            return points
+                        if chain
+                        else None
+                    )
+                    if points is not None:
+                        self.rollup_queries += 1
+                        return points
                 result = await connection.execute(_statement(sql), params)
                 rows = result.all()
         except (OperationalError, DBAPIError, OSError) as exc:
             raise _query_failed(exc) from exc
         return [SeriesPoint(field, int(epoch_us), float(value)) for field, epoch_us, value in rows]
+
+    async def _fields_of(self, device_id: str) -> list[str]:
+        """The fields a device has ever sent (`telemetry_latest` has one row for each,
+        written with the points)."""
+        try:
+            async with self.database.autocommit_engine.connect() as connection:
+                result = await connection.execute(
+                    _statement("SELECT field FROM telemetry_latest WHERE device_id = :device_id"),
+                    {"device_id": device_id},
+                )
+                return [str(row[0]) for row in result.all()]
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise _query_failed(exc) from exc
 
     async def scan(
         self, device_id: str, field: str, start_us: int, stop_us: int, limit: int
