@@ -1353,13 +1353,25 @@ async def count_stored_rows(database_url: str, since_us: int) -> int:
     engine = create_async_engine(f"{scheme}://{rest}")
     try:
         async with engine.connect() as connection:
-            result = await connection.execute(
-                text(
-                    "SELECT count(*) FROM telemetry WHERE field = 'temperature' "
-                    "AND epoch_us >= :since AND device_id LIKE 'bench-%'"
-                ),
-                {"since": since_us},
+            sql = (
+                "SELECT count(*) FROM telemetry WHERE field = 'temperature' "
+                "AND epoch_us >= :since AND device_id LIKE 'bench-%'"
             )
+            if (
+                scheme.startswith("postgresql")
+                and (
+                    await connection.execute(text("SELECT to_regclass('telemetry_compact')"))
+                ).scalar()
+            ):
+                # Hours compacted in the background are points too (none overlap the raw
+                # rows of a run without late readings).
+                sql = (
+                    f"SELECT ({sql}) + (SELECT coalesce(sum(cardinality(c.point_values)), 0) "
+                    "FROM telemetry_compact c WHERE c.field = 'temperature' AND c.hour_us > "
+                    ":since - 3600000000 AND c.device_id LIKE 'bench-%' AND c.hour_us + "
+                    "c.offsets_us[1] >= :since)"
+                )
+            result = await connection.execute(text(sql), {"since": since_us})
             return int(result.scalar_one())
     finally:
         await engine.dispose()
