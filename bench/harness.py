@@ -2607,6 +2607,8 @@ async def api_phase(run: Run, app: App) -> dict[str, Any]:
         ("telemetry_1h_1m_10s_device", "telemetry_history", HISTORY_DEVICES),
         ("telemetry_30d_1h_10s_device", "telemetry_history_30d", HISTORY_30D_DEVICES),
     ):
+        if endpoint == "telemetry_history_30d" and args.smoke:
+            continue  # not seeded in a smoke run (it takes minutes)
         if endpoint.startswith("telemetry_history") and run.services.influx is not None:
             continue
         await settle(app, device_id(0))
@@ -3087,6 +3089,7 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
                 env,
             )
             summary["history"] = await history.wait_done(600)
+        if args.api and services.influx is None and not args.smoke:
             history_30d = await Worker.start(
                 "history30",
                 "history",
@@ -3114,7 +3117,7 @@ async def execute(args: argparse.Namespace, summary: dict[str, Any], workdir: Pa
             app = await steady_phases(run, env, stack, summary)
         if args.api:
             print("API phase ...", file=sys.stderr, flush=True)
-            if services.influx is None:
+            if services.influx is None and not args.smoke:
                 summary["rollups_backfill_s"] = await wait_for_rollups(services.database_url)
             summary["api"] = await api_phase(run, app)
         summary["app_rss_hwm_mb_end"] = round_or_none(peak_rss_mb(app.process.pid))

@@ -261,7 +261,15 @@ async def drop_expired(driver: Any, table: str, cutoff_us: int, *, max_chunks: i
             )
             # CONCURRENTLY: no lock that holds up the writes to other days (not in a
             # transaction block; a detach interrupted half-way is finished with FINALIZE).
-            await driver.execute(f"ALTER TABLE {table} DETACH PARTITION {part.name} CONCURRENTLY")
+            try:
+                await driver.execute(
+                    f"ALTER TABLE {table} DETACH PARTITION {part.name} CONCURRENTLY"
+                )
+            except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError):
+                # Lost to a concurrent write that makes a partition: the next round retries.
+                logger.info("dropping %s waits for the next round (lock conflict)", part.name)
+                await finish_interrupted_detaches(driver)
+                continue
             await driver.execute(f"DROP TABLE {part.name}")
             logger.info("dropped expired partition %s (about %d rows)", part.name, estimate)
             removed += int(estimate or 0)
