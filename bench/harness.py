@@ -1363,14 +1363,19 @@ async def count_stored_rows(database_url: str, since_us: int) -> int:
                     await connection.execute(text("SELECT to_regclass('telemetry_compact')"))
                 ).scalar()
             ):
-                # Hours compacted in the background are points too (none overlap the raw
-                # rows of a run without late readings).
-                sql = (
-                    f"SELECT ({sql}) + (SELECT coalesce(sum(cardinality(c.point_values)), 0) "
-                    "FROM telemetry_compact c WHERE c.field = 'temperature' AND c.hour_us > "
-                    ":since - 3600000000 AND c.device_id LIKE 'bench-%' AND c.hour_us + "
-                    "c.offsets_us[1] >= :since)"
+                # Hours compacted in the background are points too, read as the app reads
+                # them (an app before compaction has no such table).
+                from iotmeter.storage.timeseries.points import raw_and_compact
+
+                points = raw_and_compact(
+                    compact=True,
+                    raw_where="r.field = 'temperature' AND r.epoch_us >= :since "
+                    "AND r.device_id LIKE 'bench-%'",
+                    compact_where="c.field = 'temperature' AND c.device_id LIKE 'bench-%'",
+                    start=":since",
+                    stop=str(2**62),
                 )
+                sql = f"SELECT count(*) FROM {points}"
             result = await connection.execute(text(sql), {"since": since_us})
             return int(result.scalar_one())
     finally:

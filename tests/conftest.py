@@ -57,6 +57,21 @@ async def empty_tables(url: str) -> None:
 
 
 @pytest.fixture
+async def own_pg_database() -> AsyncIterator[Database]:
+    """A migrated PostgreSQL database of the test's own (it creates and drops partitions)."""
+    url = await create_pg_database()
+    database = None
+    try:
+        await upgrade_async(url)
+        database = Database(build_engine(url))
+        yield database
+    finally:
+        if database is not None:
+            await database.close()
+        await drop_pg_database(url)
+
+
+@pytest.fixture
 async def empty_pg_url(pg_url: str) -> str:
     """The run's PostgreSQL database with every table emptied first (test isolation)."""
     await empty_tables(pg_url)

@@ -17,8 +17,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
+from iotmeter.cli_export import ProgressBar
 from iotmeter.config import Settings
 from iotmeter.errors import IotmeterError
 from iotmeter.storage.archive.integrity import Checked, archived_keys, verify_keys
@@ -89,7 +89,7 @@ async def _verify(
     enabled = sys.stderr.isatty() if args.progress is None else args.progress
     async with open_archive(settings) as archive:
         devices: list[str] = args.device or await archive.store.devices()
-        with _ProgressBar(enabled) as bar:
+        with ProgressBar(enabled, unit="objects") as bar:
             for device_id in devices:
                 async for results in _batches(archive, device_id, start_us, stop_us):
                     for result in results:
@@ -111,44 +111,3 @@ async def _batches(
             keys = []
     if keys:
         yield await verify_keys(archive, keys)
-
-
-class _ProgressBar:
-    """Objects checked and their rate on standard error (rich), or nothing; report lines go
-    to standard output either way."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress: Any = None
-        self._task: Any = None
-        self._started = time.monotonic()
-
-    def __enter__(self) -> _ProgressBar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.completed:,} objects checked"),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-                refresh_per_second=4,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("verify", total=None, rate="")
-        return self
-
-    def print(self, line: str) -> None:
-        print(line, flush=True)
-
-    def update(self, checked: int) -> None:
-        if self._progress is not None:
-            elapsed = max(time.monotonic() - self._started, 1e-9)
-            rate = f"{checked / elapsed:,.0f} objects/s"
-            self._progress.update(self._task, completed=checked, rate=rate)
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()

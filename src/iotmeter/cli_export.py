@@ -162,7 +162,7 @@ def _export(args: argparse.Namespace, request: Request) -> int:
                 raise ExportFailed(_error_text(response))
             output = _open_output(output_path, append_at)
             try:
-                with _ProgressBar(show_bar) as bar:
+                with ProgressBar(show_bar) as bar:
                     _copy(
                         response.iter_bytes(), output, request, progress, state_path, bar, append_at
                     )
@@ -225,7 +225,7 @@ def _copy(
     request: Request,
     progress: Progress,
     state_path: Path | None,
-    bar: _ProgressBar,
+    bar: ProgressBar,
     append_at: int | None,
 ) -> None:
     """Data lines to the output, cursor lines to the state file, until the end line."""
@@ -330,15 +330,18 @@ def _error_text(response: Any) -> str:
         return f"HTTP {response.status_code}: {response.text[:500]}"
 
 
-class _ProgressBar:
-    """Rows written and their rate on standard error (rich), or nothing."""
+class ProgressBar:
+    """Items done and their rate on standard error (rich), or nothing (also `iotmeter
+    archive verify`'s)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, unit: str = "rows") -> None:
         self.enabled = enabled
+        self.unit = unit
         self._progress: Any = None
         self._task: Any = None
+        self._started = time.monotonic()
 
-    def __enter__(self) -> _ProgressBar:
+    def __enter__(self) -> ProgressBar:
         if self.enabled:
             from rich.console import Console
             from rich.progress import Progress as Bar
@@ -346,21 +349,25 @@ class _ProgressBar:
 
             self._progress = Bar(
                 SpinnerColumn(),
-                TextColumn("{task.completed:,} rows"),
+                TextColumn("{task.completed:,} " + self.unit),
                 TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
                 refresh_per_second=4,
             )
             self._progress.start()
-            self._task = self._progress.add_task("export", total=None, rate="")
+            self._task = self._progress.add_task(self.unit, total=None, rate="")
             self._started = time.monotonic()
         return self
 
-    def update(self, rows: int) -> None:
+    def print(self, line: str) -> None:
+        print(line, flush=True)
+
+    def update(self, done: int) -> None:
         if self._progress is not None:
             elapsed = max(time.monotonic() - self._started, 1e-9)
-            self._progress.update(self._task, completed=rows, rate=f"{rows / elapsed:,.0f} rows/s")
+            rate = f"{done / elapsed:,.0f} {self.unit}/s"
+            self._progress.update(self._task, completed=done, rate=rate)
 
     def __exit__(self, *_exc: object) -> None:
         if self._progress is not None:

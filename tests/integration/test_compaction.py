@@ -7,60 +7,27 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import text
 
-from iotmeter.db.engine import Database, build_engine
-from iotmeter.db.migrate import upgrade_async
-from iotmeter.readings import ReadingSet
+from iotmeter.db.engine import Database
 from iotmeter.storage.timeseries import partitions
 from iotmeter.storage.timeseries.base import AGGREGATES, SeriesPoint, SeriesQuery
 from iotmeter.storage.timeseries.sql import Lifecycle, SqlTimeSeriesStore
-from tests.fixtures.services import create_pg_database, drop_pg_database
+from tests.fixtures.readings import PARTITIONED_DAY_US, FakeClock, reading
 
 SECOND_US = 1_000_000
 MINUTE_US = 60 * SECOND_US
 HOUR_US = partitions.HOUR_US
 DAY_US = partitions.DAY_US
 # After the migration's history partition (which ends tomorrow): hourly partitions.
-BASE_US = (time.time_ns() // 1000 // DAY_US + 10) * DAY_US
-
-
-@dataclass
-class FakeClock:
-    now_us: int
-
-    def __call__(self) -> int:
-        return self.now_us
+BASE_US = PARTITIONED_DAY_US
 
 
 @pytest.fixture
-async def database() -> AsyncIterator[Database]:
-    url = await create_pg_database()
-    opened = None
-    try:
-        await upgrade_async(url)
-        opened = Database(build_engine(url))
-        yield opened
-    finally:
-        if opened is not None:
-            await opened.close()
-        await drop_pg_database(url)
-
-
-def reading(device_id: str, epoch_us: int, values: dict[str, float]) -> ReadingSet:
-    return ReadingSet(
-        device_id=device_id,
-        epoch_us=epoch_us,
-        values=values,
-        topic=f"iot/{device_id}/telemetry",
-        received_at_us=epoch_us,
-        raw=b"{}",
-    )
+async def database(own_pg_database: Database) -> Database:
+    return own_pg_database
 
 
 async def rows(database: Database, sql: str) -> int:

@@ -6,58 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import text
 
 from iotmeter.db.engine import Database, build_engine
-from iotmeter.db.migrate import upgrade_async
 from iotmeter.readings import ReadingSet
 from iotmeter.storage.timeseries import partitions, sql
 from iotmeter.storage.timeseries.base import SeriesQuery
 from iotmeter.storage.timeseries.sql import Lifecycle, SqlTimeSeriesStore
-from tests.fixtures.services import create_pg_database, drop_pg_database
+from tests.fixtures.readings import PARTITIONED_DAY_US, FakeClock
+from tests.fixtures.readings import reading as fixture_reading
 
 DAY_US = partitions.DAY_US
 HOUR_US = 3_600_000_000
 # Days after the migration's history partition (which ends tomorrow): daily partitions.
-BASE_US = (time.time_ns() // 1000 // DAY_US + 10) * DAY_US
-
-
-@dataclass
-class FakeClock:
-    now_us: int
-
-    def __call__(self) -> int:
-        return self.now_us
+BASE_US = PARTITIONED_DAY_US
 
 
 @pytest.fixture
-async def pg_database() -> AsyncIterator[Database]:
-    """A database of its own: the test creates and drops partitions."""
-    url = await create_pg_database()
-    database = None
-    try:
-        await upgrade_async(url)
-        database = Database(build_engine(url))
-        yield database
-    finally:
-        if database is not None:
-            await database.close()
-        await drop_pg_database(url)
+async def pg_database(own_pg_database: Database) -> Database:
+    return own_pg_database
 
 
 def reading(device_id: str, epoch_us: int, value: float = 1.0) -> ReadingSet:
-    return ReadingSet(
-        device_id=device_id,
-        epoch_us=epoch_us,
-        values={"v": value},
-        topic=f"iot/{device_id}/telemetry",
-        received_at_us=epoch_us,
-        raw=b"{}",
-    )
+    return fixture_reading(device_id, epoch_us, {"v": value})
 
 
 async def count(database: Database, where: str = "true") -> int:

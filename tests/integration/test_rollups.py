@@ -16,6 +16,7 @@ from iotmeter.storage.timeseries.base import AGGREGATES, SeriesPoint, SeriesQuer
 from iotmeter.storage.timeseries.rollups import HOUR_US, MINUTE_US, SETTLE_US
 from iotmeter.storage.timeseries.sql import Lifecycle, SqlTimeSeriesStore
 from tests.conftest import empty_tables
+from tests.fixtures.readings import FakeClock, reading
 
 SECOND_US = 1_000_000
 # 2026-03-01T00:00:00Z: a whole day, so hours and days are aligned.
@@ -30,14 +31,6 @@ EVERY = (
     2 * HOUR_US,
     24 * HOUR_US,
 )
-
-
-@dataclass
-class FakeClock:
-    now_us: int
-
-    def __call__(self) -> int:
-        return self.now_us
 
 
 @dataclass
@@ -62,17 +55,6 @@ async def stores(
         yield Stores(rolled, raw, clock)
     finally:
         await database.close()
-
-
-def reading(device_id: str, epoch_us: int, values: dict[str, float]) -> ReadingSet:
-    return ReadingSet(
-        device_id=device_id,
-        epoch_us=epoch_us,
-        values=values,
-        topic=f"iot/{device_id}/telemetry",
-        received_at_us=epoch_us,
-        raw=b"{}",
-    )
 
 
 def random_readings(rng: random.Random, devices: list[str], span_us: int) -> list[ReadingSet]:

@@ -10,11 +10,11 @@ from iotmeter.db.engine import is_unavailable
 from iotmeter.errors import BackendUnavailable
 from iotmeter.state import AppState
 from iotmeter.storage.timeseries.base import MaintainedStore
+from iotmeter.storage.timeseries.partitions import DAY_US
 from iotmeter.storage.timeseries.rollups import system_clock_us
 
 logger = logging.getLogger(__name__)
 
-DAY_US = 86_400_000_000
 ARCHIVE_EXPIRY_LIMIT = 1000
 """Archived objects deleted per round at most (the local folder; S3 has a lifecycle rule)."""
 

@@ -20,9 +20,9 @@ async def open_timeseries(settings: Settings, database: Database) -> AsyncIterat
         async with open_influx_store(settings) as influx:
             yield influx
         return
+    from iotmeter.storage.timeseries.partitions import DAY_US as day_us
     from iotmeter.storage.timeseries.sql import Lifecycle, SqlTimeSeriesStore
 
-    day_us = 86_400_000_000
     lifecycle = Lifecycle(
         retention_us=int(settings.telemetry_retention_days * day_us) or None,
         rollup_retention_us=int(settings.rollup_retention_days * day_us) or None,

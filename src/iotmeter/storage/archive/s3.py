@@ -551,6 +551,10 @@ class S3ArchiveStore:
         return await self._get_body(key)
 
     async def _get_body(self, key: str) -> bytes:
+        return (await self._get_with_metadata(key))[0]
+
+    async def _get_with_metadata(self, key: str) -> tuple[bytes, dict[str, str]]:
+        """An object's bytes and its user metadata; `NotFound` when there is none."""
         await self.ensure_bucket()
         try:
             with self._calling("GetObject"):
@@ -559,9 +563,9 @@ class S3ArchiveStore:
                     body: bytes = await stream.read()
         except BackendUnavailable as exc:
             if _error_code(exc.__cause__) in _MISSING_KEY:
-                raise NotFound(f"no archived object {key!r}") from None
+                raise NotFound(f"no archive object {key!r}") from None
             raise
-        return body
+        return body, dict(response.get("Metadata", {}))
 
     async def list(
         self,
@@ -629,17 +633,8 @@ class S3ArchiveStore:
                 checked_object_key(key)
         except ValueError:
             raise NotFound(f"no archive object {key!r}") from None
-        await self.ensure_bucket()
-        try:
-            with self._calling("GetObject"):
-                response = await self._client.get_object(Bucket=self.bucket, Key=key)
-                async with response["Body"] as stream:
-                    body: bytes = await stream.read()
-        except BackendUnavailable as exc:
-            if _error_code(exc.__cause__) in _MISSING_KEY:
-                raise NotFound(f"no archive object {key!r}") from None
-            raise
-        return StoredObject(body, response.get("Metadata", {}).get(HASH_METADATA))
+        body, metadata = await self._get_with_metadata(key)
+        return StoredObject(body, metadata.get(HASH_METADATA))
 
     async def devices(self) -> builtins.list[str]:
         """Ids of the devices with objects in the bucket (one listing call per 1,000)."""

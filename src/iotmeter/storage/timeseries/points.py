@@ -10,7 +10,7 @@ kept it.
 
 from __future__ import annotations
 
-HOUR_US = 3_600_000_000
+from iotmeter.storage.timeseries.partitions import HOUR_US
 
 
 def raw_and_compact(

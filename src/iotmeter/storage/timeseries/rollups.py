@@ -43,12 +43,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from iotmeter.db.engine import Database
 from iotmeter.storage.timeseries import partitions
 from iotmeter.storage.timeseries.base import Aggregate, SeriesPoint, SeriesQuery
+from iotmeter.storage.timeseries.partitions import HOUR_US
 from iotmeter.storage.timeseries.points import raw_and_compact
 
 logger = logging.getLogger(__name__)
 
 MINUTE_US = 60_000_000
-HOUR_US = 3_600_000_000
 LATE_US = 15_000_000
 """A reading written this long after its own time is late: it marks its minute dirty (ingest
 takes well under a second end to end; a backlog or a replay is late)."""
@@ -77,56 +77,70 @@ def ceil_to(value: int, step: int) -> int:
     return -floor_to(-value, step)
 
 
-def _bucket(column: str, step: int) -> str:
-    # Floor, not truncation toward zero: windows before 1970 stay aligned too.
+def window_start(column: str, step: int | str) -> str:
+    """SQL: the start of the epoch-aligned window of `step` (a number or a parameter) that
+    holds `column`. Floor, not truncation toward zero: windows before 1970 align too."""
     return f"({column} - ((({column} % {step}) + {step}) % {step}))"
 
 
-def raw_partials_sql(dialect: str, keys: str, step: int, source: str, where: str) -> str:
-    """SELECT {keys}, bucket, min, max, sum, count, first, last of raw points grouped by
-    `keys` and windows of `step`; `source` is a FROM clause whose points are `t`."""
-    bucket = _bucket("t.epoch_us", step)
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """What a partials query aggregates: points or finer rollup rows."""
+
+    time: str
+    minimum: str
+    maximum: str
+    total: str
+    count: str | None
+    """The column of finer counts to add up; None: count the rows (points)."""
+    first: str
+    last: str
+
+
+_POINTS = _Source("epoch_us", "value", "value", "value", None, "value", "value")
+_ROLLUP_ROWS = _Source(
+    "bucket_us", "min_value", "max_value", "sum_value", "count", "first_value", "last_value"
+)
+
+
+def _partials_sql(dialect: str, keys: str, step: int, source: str, where: str, of: _Source) -> str:
+    """SELECT {keys}, bucket, min, max, sum, count, first, last grouped by `keys` and
+    windows of `step`; `source` is a FROM clause whose rows are `t`."""
+    bucket = window_start(f"t.{of.time}", step)
+    count = "COUNT(*)" if of.count is None else f"SUM(t.{of.count})"
     if dialect == "postgresql":
         return (
-            f"SELECT {keys}, {bucket} AS bucket, MIN(t.value), MAX(t.value), SUM(t.value), "
-            "COUNT(*), (array_agg(t.value ORDER BY t.epoch_us))[1], "
-            "(array_agg(t.value ORDER BY t.epoch_us DESC))[1] "
+            f"SELECT {keys}, {bucket} AS bucket, MIN(t.{of.minimum}), MAX(t.{of.maximum}), "
+            f"SUM(t.{of.total}), {count}, (array_agg(t.{of.first} ORDER BY t.{of.time}))[1], "
+            f"(array_agg(t.{of.last} ORDER BY t.{of.time} DESC))[1] "
             f"FROM {source} WHERE {where} GROUP BY {keys}, bucket"
         )
+    # SQLite has no ordered aggregate: first and last by rank within each window.
     plain = keys.replace("t.", "")
+    columns = sorted(
+        {of.minimum, of.maximum, of.total, of.first, of.last} | ({of.count} if of.count else set())
+    )
+    count = count.replace("t.", "")
+    selected = ", ".join(f"t.{column} AS {column}" for column in columns)
     return (
-        f"SELECT {plain}, bucket, MIN(value), MAX(value), SUM(value), COUNT(*), "
-        "MAX(CASE WHEN first_rank = 1 THEN value END), "
-        "MAX(CASE WHEN last_rank = 1 THEN value END) FROM ("
-        f"SELECT {keys}, t.value AS value, {bucket} AS bucket, ROW_NUMBER() OVER ("
-        f"PARTITION BY {keys}, {bucket} ORDER BY t.epoch_us) AS first_rank, ROW_NUMBER() OVER ("
-        f"PARTITION BY {keys}, {bucket} ORDER BY t.epoch_us DESC) AS last_rank "
+        f"SELECT {plain}, bucket, MIN({of.minimum}), MAX({of.maximum}), SUM({of.total}), "
+        f"{count}, MAX(CASE WHEN first_rank = 1 THEN {of.first} END), "
+        f"MAX(CASE WHEN last_rank = 1 THEN {of.last} END) FROM ("
+        f"SELECT {keys}, {selected}, {bucket} AS bucket, ROW_NUMBER() OVER ("
+        f"PARTITION BY {keys}, {bucket} ORDER BY t.{of.time}) AS first_rank, ROW_NUMBER() OVER ("
+        f"PARTITION BY {keys}, {bucket} ORDER BY t.{of.time} DESC) AS last_rank "
         f"FROM {source} WHERE {where}) AS ranked GROUP BY {plain}, bucket"
     )
+
+
+def raw_partials_sql(dialect: str, keys: str, step: int, source: str, where: str) -> str:
+    """Partials of the points `t` (epoch_us, value)."""
+    return _partials_sql(dialect, keys, step, source, where, _POINTS)
 
 
 def rollup_partials_sql(dialect: str, keys: str, step: int, source: str, where: str) -> str:
     """The same partials, combined from finer rollup rows `t` (bucket_us, min_value, ...)."""
-    bucket = _bucket("t.bucket_us", step)
-    if dialect == "postgresql":
-        return (
-            f"SELECT {keys}, {bucket} AS bucket, MIN(t.min_value), MAX(t.max_value), "
-            "SUM(t.sum_value), SUM(t.count), "
-            "(array_agg(t.first_value ORDER BY t.bucket_us))[1], "
-            "(array_agg(t.last_value ORDER BY t.bucket_us DESC))[1] "
-            f"FROM {source} WHERE {where} GROUP BY {keys}, bucket"
-        )
-    plain = keys.replace("t.", "")
-    return (
-        f"SELECT {plain}, bucket, MIN(min_value), MAX(max_value), SUM(sum_value), SUM(count), "
-        "MAX(CASE WHEN first_rank = 1 THEN first_value END), "
-        "MAX(CASE WHEN last_rank = 1 THEN last_value END) FROM ("
-        f"SELECT {keys}, t.min_value, t.max_value, t.sum_value, t.count, t.first_value, "
-        f"t.last_value, {bucket} AS bucket, ROW_NUMBER() OVER ("
-        f"PARTITION BY {keys}, {bucket} ORDER BY t.bucket_us) AS first_rank, ROW_NUMBER() OVER ("
-        f"PARTITION BY {keys}, {bucket} ORDER BY t.bucket_us DESC) AS last_rank "
-        f"FROM {source} WHERE {where}) AS ranked GROUP BY {plain}, bucket"
-    )
+    return _partials_sql(dialect, keys, step, source, where, _ROLLUP_ROWS)
 
 
 _COLUMNS = (

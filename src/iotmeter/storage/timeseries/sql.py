@@ -39,6 +39,7 @@ from iotmeter.storage.timeseries.rollups import (
     levels_for,
     read_windows,
     system_clock_us,
+    window_start,
 )
 from iotmeter.storage.usage import StoreUsage
 
@@ -376,8 +377,7 @@ class SqlTimeSeriesStore:
             )
         else:
             params["every"] = query.every_us
-            # Floor, not truncation toward zero: windows before 1970 stay aligned too.
-            bucket = "(t.epoch_us - (((t.epoch_us % :every) + :every) % :every))"
+            bucket = window_start("t.epoch_us", ":every")
             if query.aggregate in ("first", "last"):
                 order = "t.epoch_us" if query.aggregate == "first" else "t.epoch_us DESC"
                 sql = (
